@@ -1,0 +1,165 @@
+"""The train step (attack -> method loss -> gradient -> optax update) and its state.
+
+``make_train_step`` returns one pure function ``(state, batch, rng) -> (state,
+metrics)``; ``jit_train_step`` compiles it over a data-parallel mesh with the
+state replicated and donated and the batch sharded along "data". The rng is
+folded with the step number inside, so the same (seed, step) gives the same
+augmentation and attack start wherever and whenever the step runs.
+
+BatchNorm: the attack sees running statistics without updating them
+(``attack.bn_mode="eval"``, PyTorch ``model.eval()``) or batch statistics
+without updating them (``"batch"``); the running statistics are updated only
+by the training forward pass(es) of the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+
+from sovr_jax import attacks, augment, losses, methods, sharding
+
+Array = jax.Array
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """Learning rate per step: piecewise (x lr_decay at each boundary epoch),
+  cosine to 0 over the run, or constant; optional linear warm-up."""
+  t = cfg.train
+  total = t.epochs * steps_per_epoch
+  if t.schedule == "piecewise":
+    main = optax.piecewise_constant_schedule(
+        t.lr, {int(b * steps_per_epoch): t.lr_decay for b in t.lr_boundaries})
+  elif t.schedule == "cosine":
+    main = optax.cosine_decay_schedule(t.lr, max(1, total - t.warmup_epochs * steps_per_epoch))
+  elif t.schedule == "constant":
+    main = optax.constant_schedule(t.lr)
+  else:
+    raise ValueError(f"train.schedule must be piecewise, cosine or constant, got {t.schedule!r}.")
+  warmup = int(t.warmup_epochs * steps_per_epoch)
+  if warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, warmup), main], [warmup])
+  return main
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
+  """PyTorch-style SGD: v = mu * v + (g + wd * p); p -= lr * v (wd on every parameter,
+  as in the reference training scripts)."""
+  t = cfg.train
+  return optax.chain(optax.add_decayed_weights(t.weight_decay),
+                     optax.sgd(schedule, momentum=t.momentum or None, nesterov=t.nesterov))
+
+
+def create_train_state(rng: Array, model: Any, image_shape: tuple[int, ...], tx) -> TrainState:
+  variables = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+
+def attack_init(cfg: ml_collections.ConfigDict) -> str:
+  spec = methods.get_spec(cfg.method)
+  return spec.default_init if cfg.attack.init == "auto" else cfg.attack.init
+
+
+def make_train_step(cfg: ml_collections.ConfigDict, *, steps_per_epoch: int,
+                    schedule: optax.Schedule, reweight_start_epoch: int = 0
+                    ) -> Callable[[TrainState, tuple[Array, Array], Array],
+                                  tuple[TrainState, dict[str, Array]]]:
+  """The pure train step for ``cfg.method``.
+
+  batch: (uint8 images [N, H, W, C], int32 labels [N]); augmentation (pad-crop,
+  flip) runs inside, on device.
+
+  Metrics (batch means): loss, adv_acc (accuracy on the training attack's
+  output, clean for "standard"), clean_acc (running-statistics forward),
+  margin (mean adversarial logit margin), switched (fraction trained with
+  OVR), weight (mean MAIL/GAIRAT weight), lr, grad_norm.
+  """
+  spec = methods.get_spec(cfg.method)
+  a = cfg.attack
+  init = attack_init(cfg)
+  attacks.check_attack_args(eps=a.eps, step_size=a.step_size, num_steps=a.num_steps,
+                            norm=a.norm, init=init, objective=spec.attack_objective or "ce")
+  crop_pad, flip = int(cfg.data.crop_pad), bool(cfg.data.flip)
+  needs_clean_margin = cfg.method == "sovr" and cfg.sovr.margin_on == "clean"
+
+  def train_step(state: TrainState, batch, rng):
+    images, labels = batch
+    rng = jax.random.fold_in(rng, state.step)
+    aug_rng, attack_rng = jax.random.split(rng)
+    x = augment.to_float(images)
+    if crop_pad or flip:
+      x = augment.random_crop_flip(aug_rng, x, pad=crop_pad, flip=flip)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    def eval_fn(v):
+      return state.apply_fn(variables, v, train=False)
+
+    def batch_stats_fn(v):
+      return state.apply_fn(variables, v, train=True, mutable=["batch_stats"])[0]
+
+    attack_fn = eval_fn if a.bn_mode == "eval" else batch_stats_fn
+    clean_eval_logits = jax.lax.stop_gradient(eval_fn(x))
+    kappa = None
+    if spec.attack_objective is None:
+      x_adv = x
+    else:
+      clean_attack_logits = (clean_eval_logits if a.bn_mode == "eval"
+                             else jax.lax.stop_gradient(attack_fn(x)))
+      res = attacks.pgd(attack_fn, x, labels, attack_rng, eps=a.eps, step_size=a.step_size,
+                        num_steps=a.num_steps, norm=a.norm, objective=spec.attack_objective,
+                        init=init, clean_logits=clean_attack_logits,
+                        return_kappa=spec.needs_kappa)
+      x_adv, kappa = res.x_adv, res.kappa
+    epoch = state.step // steps_per_epoch
+    reweight = epoch >= reweight_start_epoch
+
+    def loss_fn(params):
+      stats = state.batch_stats
+      clean_logits = None
+      if spec.clean_forward:
+        clean_logits, upd = state.apply_fn({"params": params, "batch_stats": stats}, x,
+                                           train=True, mutable=["batch_stats"])
+        stats = upd.get("batch_stats", stats)
+      adv_logits, upd = state.apply_fn({"params": params, "batch_stats": stats}, x_adv,
+                                       train=True, mutable=["batch_stats"])
+      stats = upd.get("batch_stats", stats)
+      if needs_clean_margin:
+        clean_logits = clean_eval_logits
+      per_example, aux = methods.method_loss(
+          cfg.method, cfg, adv_logits=adv_logits, labels=labels, clean_logits=clean_logits,
+          kappa=kappa, reweight=reweight, num_attack_steps=a.num_steps)
+      return jnp.mean(per_example), (stats, adv_logits, aux)
+
+    (loss, (new_stats, adv_logits, aux)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+    metrics = {
+        "loss": loss,
+        "adv_acc": jnp.mean(jnp.argmax(adv_logits, -1) == labels),
+        "clean_acc": jnp.mean(jnp.argmax(clean_eval_logits, -1) == labels),
+        "margin": jnp.mean(losses.logit_margin(adv_logits, labels)),
+        "switched": jnp.mean(aux["switched"]),
+        "weight": jnp.mean(aux["weight"]),
+        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        "grad_norm": optax.global_norm(grads),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """jax.jit over ``mesh``: state replicated and donated, batch sharded on "data"."""
+  rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(step_fn, in_shardings=(rep, (bat, bat), rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
