@@ -13,13 +13,12 @@ from typing import Any
 
 import ml_collections
 
-from sovr_jax import methods
+from sovr_jax import data, methods
 from sovr_jax.attacks import INITS, NORMS
 
 CHOICES = {
     "precision": ("float32", "bfloat16"),
-    "data.name": ("cifar10", "cifar100", "svhn_cropped", "mnist", "mnist5k", "digits"),
-    "data.source": ("tfds", "image_folder", "embedded"),
+    "data.source": data.SOURCES,
     "model.name": ("preact_resnet18", "resnet18", "wrn34_10", "wrn28_10", "small_cnn"),
     "attack.norm": NORMS,
     "attack.init": ("auto",) + INITS,
@@ -70,10 +69,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for path, valid in CHOICES.items():
     value = _get(cfg, path)
     _require(value in valid, path, f"got {value!r}; valid: {list(valid)}.")
+  names = {"tfds": data.TFDS_NAMES, "embedded": data.EMBEDDED_NAMES}.get(cfg.data.source)
+  _require(names is None or cfg.data.name in names, "data.name",
+           f"got {cfg.data.name!r}; valid for data.source={cfg.data.source!r}: {list(names or ())}.")
+  _require(cfg.data.source != "image_folder" or cfg.data.path, "data.path",
+           "data.source='image_folder' needs data.path (a folder or .tar.gz of "
+           "<split>/<class>/*.jpg).")
   a, t, e = cfg.attack, cfg.train, cfg.eval
   _require(a.eps >= 0, "attack.eps", f"must be >= 0, got {a.eps}.")
   _require(not (a.norm == "linf" and a.eps > 1), "attack.eps",
-           f"{a.eps} is larger than the [0, 1] image range; did you mean {a.eps}/255?")
+           f"{a.eps:g} is larger than the [0, 1] image range; did you mean "
+           f"{a.eps:g}/255 = {a.eps / 255:.6g}?")
   _require(a.step_size >= 0, "attack.step_size", f"must be >= 0, got {a.step_size}.")
   _require(a.num_steps >= 0, "attack.num_steps", f"must be >= 0, got {a.num_steps}.")
   _require(0.0 <= cfg.sovr.ovr_fraction <= 1.0, "sovr.ovr_fraction",

@@ -324,12 +324,16 @@ def _final_report(cfg, workdir, ds, model, mesh, state, ckpt, meta, eval_bs, eva
   final.pop("pgd_margins")
   results["final"] = {"epoch": meta["epoch"], **final}
   try:
-    best = ckpt.restore(jax.device_get(state), best=True)
+    best = (None if meta["best_epoch"] == meta["epoch"]  # the final model is the best one
+            else ckpt.restore(jax.device_get(state), best=True))
   except checkpoint.CheckpointError as e:
     print(f"WARNING: the best checkpoint could not be read ({e}); reporting the final model "
           "only.", flush=True)
     best = None
-  if best is not None:
+  if best is None and meta["best_epoch"] == meta["epoch"]:
+    results["best"] = {"epoch": meta["best_epoch"], "val_pgd_acc": meta["best_val_pgd"],
+                       **final}
+  elif best is not None:
     best_state, best_meta = best
     r = test({"params": best_state.params, "batch_stats": best_state.batch_stats},
              ds.test_images, ds.test_labels, seed=seed)

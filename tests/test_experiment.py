@@ -1,0 +1,238 @@
+"""The training loop end to end on tiny configs: outputs, resume, failures."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from sovr_jax import checkpoint, config_lib, experiment, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(**overrides):
+  cfg = tiny.get_config()
+  for k, v in overrides.items():
+    sec, _, field = k.partition("__")
+    if field:
+      cfg[sec][field] = v
+    else:
+      cfg[sec] = v
+  return cfg
+
+
+def _final_params(cfg, workdir):
+  """Params of the newest checkpoint in workdir, restored into cfg's model."""
+  ds = experiment.load_data(cfg)
+  model = experiment.build_model(cfg, ds)
+  target = train.create_train_state(jax.random.PRNGKey(0), model, ds.image_shape,
+                                    train.make_optimizer(cfg, lambda s: 0.1))
+  state, meta = checkpoint.Checkpointer(workdir).restore(target)
+  return state, meta
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  cfg = _cfg()
+  report = experiment.train_and_evaluate(cfg, workdir)
+  return cfg, workdir, report
+
+
+def test_run_writes_report_metrics_checkpoints_and_plot(tiny_run):
+  cfg, workdir, report = tiny_run
+  for name in ("config.json", "metrics.jsonl", "report.json", "margins.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  with open(os.path.join(workdir, "report.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk["method"] == "sovr" and on_disk["seed"] == cfg.seed
+  for which in ("final", "best"):
+    r = on_disk["test"][which]
+    assert r["n"] == 64
+    for k in ("clean_acc", "pgd_acc", "cw_acc"):
+      assert 0.0 <= r[k] <= 1.0
+    # A PGD attack can only lower accuracy (same points, attack from the ball).
+    assert r["pgd_acc"] <= r["clean_acc"]
+  assert "upper bound" in on_disk["note"]
+  assert {"jax", "flax", "optax"} <= set(on_disk["versions"])
+  assert on_disk["timings"]["train_s"] > 0
+  hist = on_disk["margins"]["histogram"]
+  assert sum(hist["small_margin"]) + sum(hist["other"]) <= 64
+  assert on_disk["margins"]["mean_small_margin"] <= on_disk["margins"]["mean_other"]
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [l for l in lines if "loss" in l]
+  epochs = [l for l in lines if "epoch_time_s" in l]
+  assert len(epochs) == 2 and epochs[-1]["step"] == 16
+  assert all(np.isfinite(l["loss"]) for l in steps)
+  assert {"adv_acc", "clean_acc", "margin", "switched", "lr"} <= set(steps[0])
+  assert steps[0]["switched"] == pytest.approx(np.ceil(0.4 * 32) / 32)
+  assert len(glob.glob(os.path.join(workdir, "best", "*"))) == 1
+
+
+def test_rerun_of_a_finished_run_resumes_without_training(tiny_run, capsys):
+  cfg, workdir, report = tiny_run
+  again = experiment.train_and_evaluate(cfg, workdir)
+  assert "Resumed" in capsys.readouterr().out
+  assert again["test"]["final"]["clean_acc"] == report["test"]["final"]["clean_acc"]
+
+
+def test_workdir_of_a_different_model_is_refused(tiny_run):
+  cfg, workdir, _ = tiny_run
+  other = _cfg(model__width=0.5)
+  with pytest.raises(ValueError, match="different model"):
+    experiment.train_and_evaluate(other, workdir)
+
+
+def _corrupt(step_dir):
+  n = 0
+  for path in glob.glob(os.path.join(step_dir, "**", "*"), recursive=True):
+    if os.path.isfile(path):
+      with open(path, "wb") as f:
+        f.write(b"\x00garbage")
+      n += 1
+  assert n > 0
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+  workdir = str(tmp_path)
+  cfg = _cfg(train__epochs=2)
+  experiment.train_and_evaluate(cfg, workdir)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert steps == [8, 16]
+  _corrupt(os.path.join(workdir, "checkpoints", "16"))
+  capsys.readouterr()
+  cfg3 = _cfg(train__epochs=3)
+  report = experiment.train_and_evaluate(cfg3, workdir)
+  out = capsys.readouterr().out
+  assert "unreadable" in out and "step 16" in out
+  assert "Resumed from" in out and "step 8" in out
+  assert glob.glob(os.path.join(workdir, "corrupt", "checkpoints-16-*"))  # kept, not deleted
+  assert report["test"]["final"]["epoch"] == 3
+  state, meta = _final_params(cfg3, workdir)
+  assert int(state.step) == 24 and meta["epoch"] == 3
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  experiment.train_and_evaluate(_cfg(train__epochs=1), workdir)
+  bad = _cfg(train__epochs=2)
+  bad.train.lr = 1e30
+  bad.train.lr_boundaries = (5,)
+  with pytest.raises(experiment.TrainingDivergedError, match=r"step \d+ \(epoch 2\)"):
+    experiment.train_and_evaluate(bad, workdir)
+  state, meta = _final_params(bad, workdir)
+  assert int(state.step) == 8 and meta["epoch"] == 1
+  assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.params))
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="method"):
+    config_lib.validate(_cfg(method="sovr2"))
+  cfg = _cfg()
+  with cfg.unlocked():
+    cfg.train.lr_boundary = (1,)
+  with pytest.raises(ValueError, match="lr_boundaries"):
+    config_lib.validate(cfg)
+  with pytest.raises(ValueError, match="model.name"):
+    config_lib.validate(_cfg(model__name="resnet50"))
+  with pytest.raises(ValueError, match="8/255"):
+    config_lib.validate(_cfg(attack__eps=8.0))
+  with pytest.raises(ValueError, match="ovr_fraction"):
+    config_lib.validate(_cfg(sovr__ovr_fraction=1.5))
+
+
+@pytest.mark.parametrize("name", ["default", "cifar100", "svhn", "mnist", "quickstart", "tiny"])
+def test_every_config_file_validates(name):
+  mod = __import__(f"configs.{name}", fromlist=["get_config"])
+  for method in ("sovr", "trades", "gairat"):
+    config_lib.validate(mod.get_config(method))
+
+
+def test_cli_rejects_unknown_override(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "sovr_jax.main", "--config", "configs/tiny.py",
+       "--workdir", str(tmp_path), "--config.train.lr_boundary=3"],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert proc.returncode != 0
+  assert "lr_boundary" in proc.stderr
+
+
+def test_missing_dataset_error_says_how_to_fix(tmp_path):
+  cfg = _cfg(data__source="image_folder", data__name="cifar10",
+             data__path=str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    experiment.train_and_evaluate(cfg, str(tmp_path / "w"))
+
+
+def test_tfds_mock_data_feeds_the_loop(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  cfg = _cfg(data__source="tfds", data__name="cifar10", data__data_dir=str(tmp_path / "tfds"),
+             data__val_size=16, data__num_train=0, data__num_test=0, train__epochs=1,
+             data__flip=True)
+  with tfds.testing.mock_data(num_examples=80, policy=tfds.testing.MockPolicy.USE_CODE):
+    report = experiment.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert report["dataset"] == "cifar10"
+  assert report["test"]["final"]["n"] == 80
+
+
+def test_image_folder_feeds_the_loop(tmp_path):
+  rng = np.random.default_rng(0)
+  root = tmp_path / "folder"
+  for split, per_class in (("train", 24), ("test", 8)):
+    for cls in ("cat", "dog"):
+      os.makedirs(root / split / cls)
+      for i in range(per_class):
+        arr = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / split / cls / f"{i}.png")
+  cfg = _cfg(data__source="image_folder", data__name="pets", data__path=str(root),
+             data__cache_dir=str(tmp_path / "cache"), data__val_size=8, data__num_train=0,
+             data__num_test=0, train__epochs=1, train__batch_size=8, eval__batch_size=8,
+             model__name="preact_resnet18", model__width=0.0625)
+  report = experiment.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert report["test"]["final"]["n"] == 16
+
+
+_KILL_ARGS = ["--config", "configs/tiny.py", "--config.train.epochs=6",
+              "--config.eval.every_epochs=1"]
+
+
+def test_sigkill_after_first_checkpoint_then_resume_matches_uninterrupted(tmp_path):
+  """Kill -9 the CLI right after its first checkpoint; the rerun must resume
+  and end with exactly the parameters of an uninterrupted run."""
+  killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
+  cmd = [sys.executable, "-m", "sovr_jax.main"] + _KILL_ARGS
+  proc = subprocess.Popen(cmd + ["--workdir", killed], cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  first = os.path.join(killed, "checkpoints", "8")
+  while not os.path.isdir(first) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.isdir(first), "no checkpoint was written before the deadline"
+  assert not os.path.exists(os.path.join(killed, "report.json")), "killed too late"
+  resumed = subprocess.run(cmd + ["--workdir", killed], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "Resumed from" in resumed.stdout
+  ref = subprocess.run(cmd + ["--workdir", clean], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  cfg = _cfg(train__epochs=6)
+  a, _ = _final_params(cfg, killed)
+  b, _ = _final_params(cfg, clean)
+  assert int(a.step) == int(b.step) == 48
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  with open(os.path.join(killed, "metrics.jsonl")) as f:
+    epochs = [json.loads(l)["epoch"] for l in f if "epoch_time_s" in l]
+  assert epochs == [1, 2, 3, 4, 5, 6]  # no duplicated lines after the resume
