@@ -85,6 +85,7 @@ def get_config(method: str = "sovr") -> ml_collections.ConfigDict:
   c.train.lr_decay = 0.1
   c.train.warmup_epochs = 0
   c.train.log_every_steps = 50
+  c.train.steps_per_dispatch = 1   # >1: that many steps per jit call (lax.scan).
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 1          # validation clean + PGD-20 (chooses the best checkpoint).

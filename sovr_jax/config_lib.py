@@ -94,6 +94,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(list(t.lr_boundaries) == sorted(t.lr_boundaries), "train.lr_boundaries",
            f"must be increasing epochs, got {t.lr_boundaries}.")
   _require(t.log_every_steps > 0, "train.log_every_steps", "must be > 0.")
+  _require(t.steps_per_dispatch >= 1, "train.steps_per_dispatch", "must be >= 1.")
   _require(e.every_epochs >= 0, "eval.every_epochs", "must be >= 0 (0 = never).")
   _require(e.batch_size > 0, "eval.batch_size", "must be > 0.")
   _require(cfg.checkpoint.every_epochs > 0, "checkpoint.every_epochs", "must be > 0.")

@@ -182,9 +182,34 @@ def plot_margins(path: str, margins: np.ndarray, small: np.ndarray, title: str) 
 
 @dataclasses.dataclass
 class _Pending:
-  """Device metrics not yet fetched, so the host never waits per step."""
-  steps: list = dataclasses.field(default_factory=list)
-  values: list = dataclasses.field(default_factory=list)
+  """Device metrics not yet fetched, so the host never waits per step: one
+  entry per dispatch, (first step, metrics of shape [] or [steps])."""
+  entries: list = dataclasses.field(default_factory=list)
+
+  def add(self, first_step: int, metrics: dict) -> None:
+    self.entries.append((first_step, metrics))
+
+  def fetch(self) -> list[tuple[int, dict[str, float]]]:
+    """Per-step (step, {name: value}) on the host; clears the buffer."""
+    out = []
+    for first, m in jax.device_get(self.entries):
+      m = {k: np.atleast_1d(v) for k, v in m.items()}
+      for i in range(len(next(iter(m.values())))):
+        out.append((first + i, {k: float(v[i]) for k, v in m.items()}))
+    self.entries.clear()
+    return out
+
+
+def _grouped(iterator, k: int):
+  """Consecutive groups of k items (the last one may be shorter)."""
+  group = []
+  for item in iterator:
+    group.append(item)
+    if len(group) == k:
+      yield group
+      group = []
+  if group:
+    yield group
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -224,9 +249,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   writer = _MetricsWriter(metrics_path)
 
   state = sharding.replicate(state, mesh)
-  step_fn = train.jit_train_step(
-      train.make_train_step(cfg, steps_per_epoch=steps_per_epoch, schedule=schedule,
-                            reweight_start_epoch=start_epoch), mesh)
+  step = train.make_train_step(cfg, steps_per_epoch=steps_per_epoch, schedule=schedule,
+                               reweight_start_epoch=start_epoch)
+  k = t.steps_per_dispatch
+  single_fn = train.jit_train_step(step, mesh)
+  multi_fn = train.jit_train_step(train.make_multi_step(step, k), mesh, stacked=True)
   eval_bs = min(cfg.eval.batch_size, max(ds.num_val, ds.num_test, 1))
   eval_bs = max(mesh.devices.size, eval_bs - eval_bs % mesh.devices.size)
   val_eval = evaluate.Evaluator(model, mesh=mesh, eps=cfg.attack.eps,
@@ -242,42 +269,44 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   total_steps = t.epochs * steps_per_epoch
   bar = _progress(total_steps, int(state.step), f"{cfg.method}")
 
-  def flush(epoch: int) -> dict[str, float]:
+  def flush(epoch: int) -> None:
     """Fetches pending metrics of (1-based) ``epoch``, stops on NaN, logs their means."""
-    if not pending.values:
-      return {}
-    values = jax.device_get(pending.values)
-    for s, v in zip(pending.steps, values):
-      if not (math.isfinite(float(v["loss"])) and math.isfinite(float(v["grad_norm"]))):
-        last = ckpt.latest_step()
+    values = pending.fetch()
+    if not values:
+      return
+    for s, v in values:
+      if not (math.isfinite(v["loss"]) and math.isfinite(v["grad_norm"])):
         raise TrainingDivergedError(
-            f"Non-finite loss at step {s} (epoch {epoch}): loss={float(v['loss'])}, "
-            f"grad_norm={float(v['grad_norm'])}. Nothing after the last good checkpoint "
-            f"(step {last}, in {workdir}/checkpoints) was saved. Lower train.lr, use "
-            f"precision=float32, or check the data, then rerun the same command to resume.")
-    mean = {k: float(np.mean([float(v[k]) for v in values])) for k in values[0]}
-    writer.write({"step": pending.steps[-1] + 1, "epoch": epoch, **mean})
+            f"Non-finite loss at step {s} (epoch {epoch}): loss={v['loss']}, "
+            f"grad_norm={v['grad_norm']}. Nothing after the last good checkpoint "
+            f"(step {ckpt.latest_step()}, in {workdir}/checkpoints) was saved. Lower "
+            f"train.lr, use precision=float32, or check the data, then rerun the same "
+            f"command to resume.")
+    mean = {name: float(np.mean([v[name] for _, v in values])) for name in values[0][1]}
+    writer.write({"step": values[-1][0] + 1, "epoch": epoch, **mean})
     if bar is not None:
       bar.set_postfix(loss=f"{mean['loss']:.3f}", adv=f"{mean['adv_acc']:.3f}",
                       lr=f"{mean['lr']:.3g}", refresh=False)
-    pending.steps.clear()
-    pending.values.clear()
-    return mean
 
   for epoch in range(first_epoch, t.epochs):
     t0 = time.time()
     step = int(state.step)
-    for images, labels in data.iterate_batches(ds.train_images, ds.train_labels, t.batch_size,
-                                               rng_seed=cfg.seed, epoch=epoch):
-      batch = sharding.global_batch((images, labels), mesh)
-      state, m = step_fn(state, batch, step_rng)
-      pending.steps.append(step)
-      pending.values.append(m)
-      step += 1
-      if step % t.log_every_steps == 0:
+    batches = data.iterate_batches(ds.train_images, ds.train_labels, t.batch_size,
+                                   rng_seed=cfg.seed, epoch=epoch)
+    for group in _grouped(batches, k):
+      if len(group) == k and k > 1:
+        stacked = (np.stack([b[0] for b in group]), np.stack([b[1] for b in group]))
+        state, m = multi_fn(state, train.put_batch(stacked, mesh, stacked=True), step_rng)
+        pending.add(step, m)
+      else:
+        for b in group:
+          state, m = single_fn(state, train.put_batch(b, mesh), step_rng)
+          pending.add(step, m)
+      before, step = step, step + len(group)
+      if step // t.log_every_steps > before // t.log_every_steps:
         flush(epoch + 1)
       if bar is not None:
-        bar.update(1)
+        bar.update(len(group))
     flush(epoch + 1)
     jax.block_until_ready(state)
     epoch_time = time.time() - t0

@@ -34,8 +34,9 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharded(mesh: jax.sharding.Mesh, batch_axis: int = 0) -> NamedSharding:
+  """Splits axis ``batch_axis`` over "data" (1 for [steps, batch, ...] stacks)."""
+  return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
 
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> None:
@@ -55,19 +56,19 @@ def process_slice(global_size: int) -> slice:
   return slice(index * per, (index + 1) * per)
 
 
-def global_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Shards a global numpy batch over "data".
+def global_batch(batch: Any, mesh: jax.sharding.Mesh, batch_axis: int = 0) -> Any:
+  """Shards a global numpy batch over "data" along ``batch_axis``.
 
   Every process passes the same global batch (its index order is a pure
   function of seed and step) and contributes only its own slice, so a host
   never transfers another host's examples.
   """
-  sharding = batch_sharded(mesh)
+  sharding = batch_sharded(mesh, batch_axis)
 
   def put(x):
     x = np.asarray(x)
-    local = x[process_slice(x.shape[0])]
-    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+    index = (slice(None),) * batch_axis + (process_slice(x.shape[batch_axis]),)
+    return jax.make_array_from_process_local_data(sharding, x[index], x.shape)
   return jax.tree.map(put, batch)
 
 

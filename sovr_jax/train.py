@@ -158,8 +158,28 @@ def make_train_step(cfg: ml_collections.ConfigDict, *, steps_per_epoch: int,
   return train_step
 
 
-def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
-  """jax.jit over ``mesh``: state replicated and donated, batch sharded on "data"."""
-  rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+def make_multi_step(step_fn: Callable, num_steps: int) -> Callable:
+  """``num_steps`` train steps in one dispatch (``lax.scan`` over stacked
+  batches [num_steps, N, ...]); metrics come back stacked [num_steps]. The
+  rng is folded with each step's number, so the result equals num_steps
+  single steps."""
+  if num_steps < 1:
+    raise ValueError(f"steps_per_dispatch must be >= 1, got {num_steps}.")
+
+  def multi_step(state, batches, rng):
+    return jax.lax.scan(lambda s, b: step_fn(s, b, rng), state, batches)
+  return multi_step
+
+
+def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, *,
+                   stacked: bool = False) -> Callable:
+  """jax.jit over ``mesh``: state replicated and donated, batch sharded on "data"
+  (along axis 1 for the stacked batches of ``make_multi_step``)."""
+  rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh, int(stacked))
   return jax.jit(step_fn, in_shardings=(rep, (bat, bat), rep), out_shardings=(rep, rep),
                  donate_argnums=(0,))
+
+
+def put_batch(batch: tuple[Any, Any], mesh: jax.sharding.Mesh, *, stacked: bool = False):
+  """Host (images, labels) -> global arrays sharded like ``jit_train_step`` expects."""
+  return sharding.global_batch(batch, mesh, batch_axis=int(stacked))

@@ -236,3 +236,15 @@ def test_sigkill_after_first_checkpoint_then_resume_matches_uninterrupted(tmp_pa
   with open(os.path.join(killed, "metrics.jsonl")) as f:
     epochs = [json.loads(l)["epoch"] for l in f if "epoch_time_s" in l]
   assert epochs == [1, 2, 3, 4, 5, 6]  # no duplicated lines after the resume
+
+
+def test_steps_per_dispatch_gives_the_same_run(tiny_run, tmp_path):
+  """8 steps/epoch in dispatches of 3, 3, 2 == 8 single-step dispatches."""
+  cfg, workdir, _ = tiny_run
+  multi = _cfg(train__steps_per_dispatch=3)
+  experiment.train_and_evaluate(multi, str(tmp_path))
+  a, _ = _final_params(cfg, workdir)
+  b, _ = _final_params(multi, str(tmp_path))
+  assert int(a.step) == int(b.step) == 16
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

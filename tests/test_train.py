@@ -174,3 +174,28 @@ def test_batch_not_divisible_by_devices():
   if mesh.devices.size > 1:
     with pytest.raises(ValueError, match="train.batch_size"):
       sharding.check_batch_size(mesh.devices.size + 1, mesh, "train.batch_size")
+
+
+def test_multi_step_dispatch_equals_single_steps():
+  _, state, step, (images, labels) = _setup("sovr", batch=8)
+  mesh = sharding.make_mesh()
+  single = train.jit_train_step(step, mesh)
+  multi = train.jit_train_step(train.make_multi_step(step, 3), mesh, stacked=True)
+  rng = np.random.default_rng(1)
+  batches = [(rng.integers(0, 256, images.shape).astype(np.uint8),
+              rng.integers(0, 10, labels.shape).astype(np.int32)) for _ in range(3)]
+  key = jax.random.PRNGKey(5)
+  fresh = lambda: sharding.replicate(jax.tree.map(jnp.copy, state), mesh)  # donated below
+  s1 = fresh()
+  losses_single = []
+  for b in batches:
+    s1, m = single(s1, train.put_batch(b, mesh), key)
+    losses_single.append(float(m["loss"]))
+  stacked = (np.stack([b[0] for b in batches]), np.stack([b[1] for b in batches]))
+  s3, m3 = multi(fresh(), train.put_batch(stacked, mesh, stacked=True), key)
+  np.testing.assert_allclose(m3["loss"], losses_single, rtol=1e-5)
+  assert int(s3.step) == int(s1.step) == 3
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s3.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="steps_per_dispatch"):
+    train.make_multi_step(step, 0)

@@ -1,0 +1,279 @@
+"""Benchmark of the adversarial train step: JAX per method / architecture / batch /
+precision, side by side with the PyTorch twin's eager PGD-10 step, in one run.
+
+    python -m sovr_jax.bench --out results/bench_gpu.json                 # GPU defaults
+    python -m sovr_jax.bench --cpu_smoke --out /tmp/bench_cpu.json        # seconds on a CPU
+
+For every case it prints images/s (median over repeats, warm-up excluded),
+the JAX / PyTorch-eager-float32 ratio at the same architecture and batch, the
+achieved TFLOP/s from the FLOP count of one forward pass (XLA's cost analysis)
+times (2K + 3) (K attack steps of forward + input gradient, one training
+forward + backward), and the fraction of a matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sovr_jax import models, sharding, train
+
+
+def _bench_config(method: str, arch: str, width: float, batch: int, precision: str,
+                  num_steps: int, steps_per_dispatch: int):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  cfg = default.get_config(method)
+  cfg.model.name, cfg.model.width, cfg.precision = arch, width, precision
+  cfg.train.batch_size = batch
+  cfg.train.steps_per_dispatch = steps_per_dispatch
+  cfg.attack.num_steps = num_steps
+  return cfg
+
+
+def forward_flops(model: Any, variables: Any, image_shape: tuple[int, ...]) -> float:
+  """FLOPs of one forward pass of one image, from XLA's cost analysis."""
+  x = jnp.zeros((8,) + tuple(image_shape), jnp.float32)
+  compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"]) / 8
+
+
+def matmul_peak(dtype=jnp.bfloat16, n: int | None = None, repeats: int = 10) -> float:
+  """Measured TFLOP/s of an n x n matmul (the roofline for the step)."""
+  on_gpu = jax.devices()[0].platform != "cpu"
+  n = n or (8192 if on_gpu else 1024)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def _timed(fn: Callable[[], Any], *, iters: int, repeats: int, warmup: int = 2) -> float:
+  """Median seconds per call of fn over `repeats` timings of `iters` calls."""
+  out = None
+  for _ in range(warmup):
+    out = fn()
+  jax.block_until_ready(out)
+  samples = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(iters):
+      out = fn()
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t) / iters)
+  return statistics.median(samples)
+
+
+def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: str,
+              num_steps: int, steps_per_dispatch: int, iters: int, repeats: int,
+              image_shape=(32, 32, 3), num_classes: int = 10,
+              host_batches: bool = False) -> dict[str, Any]:
+  """Images/s of the jitted train step (the same step the trainer runs).
+
+  host_batches=True also assembles every batch on the host from a uint8 data
+  set (numpy gather + transfer, as the training loop does), to show whether the
+  input pipeline costs anything next to the step.
+  """
+  cfg = _bench_config(method, arch, width, batch, precision, num_steps, steps_per_dispatch)
+  mesh = sharding.make_mesh()
+  dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+  model = models.get_model(arch, num_classes=num_classes, width=width, dtype=dtype,
+                           mean=(0.5,) * image_shape[-1], std=(0.25,) * image_shape[-1])
+  schedule = train.make_schedule(cfg, steps_per_epoch=100)
+  state = train.create_train_state(jax.random.PRNGKey(0), model, image_shape,
+                                   train.make_optimizer(cfg, schedule))
+  flops = forward_flops(model, {"params": state.params, "batch_stats": state.batch_stats},
+                        image_shape)
+  step = train.make_train_step(cfg, steps_per_epoch=100, schedule=schedule)
+  k = steps_per_dispatch
+  fn = train.jit_train_step(train.make_multi_step(step, k) if k > 1 else step, mesh,
+                            stacked=k > 1)
+  rng = np.random.default_rng(0)
+  n_data = max(4 * batch * k, 2048) if host_batches else batch * k
+  images = rng.integers(0, 256, (n_data,) + tuple(image_shape), dtype=np.uint8)
+  labels = rng.integers(0, num_classes, n_data).astype(np.int32)
+  shape = (k, batch) if k > 1 else (batch,)
+  key = jax.random.PRNGKey(1)
+  holder = {"state": sharding.replicate(state, mesh)}
+  device_batch = train.put_batch((images[:batch * k].reshape(shape + image_shape),
+                                  labels[:batch * k].reshape(shape)), mesh, stacked=k > 1)
+
+  def one():
+    if host_batches:
+      idx = rng.integers(0, n_data, batch * k)
+      b = train.put_batch((images[idx].reshape(shape + image_shape), labels[idx].reshape(shape)),
+                          mesh, stacked=k > 1)
+    else:
+      b = device_batch
+    holder["state"], m = fn(holder["state"], b, key)
+    return m["loss"]
+
+  sec = _timed(one, iters=max(1, iters // k), repeats=repeats)
+  ips = batch * k / sec
+  return {"framework": "jax", "method": method, "arch": arch, "width": width, "batch": batch,
+          "precision": precision, "attack_steps": num_steps, "steps_per_dispatch": k,
+          "host_batches": host_batches, "images_per_s": ips,
+          "gflop_per_image": flops * (2 * num_steps + 3) / 1e9,
+          "tflops": ips * flops * (2 * num_steps + 3) / 1e12}
+
+
+def bench_torch(arch: str, *, width: float, batch: int, amp: bool, num_steps: int,
+                iters: int, repeats: int, image_shape=(32, 32, 3),
+                num_classes: int = 10) -> dict[str, Any]:
+  """Images/s of the reference-style eager PyTorch PGD-AT step on the twin.
+
+  model.eval() during the attack, sign-gradient PGD, then model.train() and
+  SGD on CE; amp=True wraps forwards in bfloat16 autocast with channels-last.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from sovr_jax import torch_models  # pylint: disable=g-import-not-at-top
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  model = torch_models.build_torch_model(arch, num_classes=num_classes, width=width,
+                                         mean=(0.5,) * image_shape[-1],
+                                         std=(0.25,) * image_shape[-1]).to(dev)
+  fmt = torch.channels_last if amp else torch.contiguous_format
+  model = model.to(memory_format=fmt)
+  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+  h, w, c = image_shape
+  x = torch.rand(batch, c, h, w, device=dev).to(memory_format=fmt)
+  y = torch.randint(0, num_classes, (batch,), device=dev)
+  eps, alpha = 8 / 255, 2 / 255
+
+  def forward(v):
+    if amp:
+      with torch.autocast(dev, dtype=torch.bfloat16):
+        return model(v).float()
+    return model(v)
+
+  def step():
+    model.eval()
+    delta = torch.empty_like(x).uniform_(-eps, eps)
+    x_adv = (x + delta).clamp(0, 1)
+    for _ in range(num_steps):
+      x_adv.requires_grad_(True)
+      loss = F.cross_entropy(forward(x_adv), y)
+      grad, = torch.autograd.grad(loss, x_adv)
+      x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps)
+      x_adv = x_adv.clamp(0, 1)
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(forward(x_adv), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+  def sync_step():
+    out = step()
+    if dev == "cuda":
+      torch.cuda.synchronize()
+    return out
+
+  for _ in range(2):
+    sync_step()
+  samples = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(iters):
+      step()
+    if dev == "cuda":
+      torch.cuda.synchronize()
+    samples.append((time.perf_counter() - t) / iters)
+  return {"framework": "torch", "method": "pgd_at", "arch": arch, "width": width,
+          "batch": batch, "precision": "bf16-autocast+channels_last" if amp else "float32",
+          "attack_steps": num_steps, "images_per_s": batch / statistics.median(samples),
+          "torch": torch.__version__, "device": dev}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--archs", default="preact_resnet18")
+  p.add_argument("--width", type=float, default=1.0)
+  p.add_argument("--batches", default="128,512")
+  p.add_argument("--precisions", default="bfloat16,float32")
+  p.add_argument("--methods", default="pgd_at,sovr,trades,mart,mail_at,gairat")
+  p.add_argument("--dispatch", default="1", help="steps per dispatch (lax.scan), e.g. 1,4")
+  p.add_argument("--attack_steps", type=int, default=10)
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--torch", default="float32,amp", help="PyTorch variants ('' = none)")
+  p.add_argument("--host_batches", action="store_true",
+                 help="also time the pgd_at step with host-side batch assembly")
+  p.add_argument("--cpu_smoke", action="store_true",
+                 help="tiny sizes for a CPU: width 1/16, batch 32, PGD-2, 2x2 timings")
+  p.add_argument("--out", default="")
+  a = p.parse_args(argv)
+  if a.cpu_smoke:
+    a.width, a.batches, a.attack_steps, a.iters, a.repeats = 0.0625, "32", 2, 2, 2
+    a.precisions, a.dispatch = "float32", "1,2"
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  dev = jax.devices()[0]
+  peak_dtype = jnp.bfloat16 if dev.platform != "cpu" else jnp.float32
+  peak = matmul_peak(peak_dtype)
+  header = {"device": str(dev.device_kind), "platform": dev.platform,
+            "num_devices": jax.device_count(), "jax": jax.__version__,
+            "python": platform.python_version(),
+            "matmul_peak_tflops": peak, "matmul_peak_dtype": jnp.dtype(peak_dtype).name}
+  print(json.dumps(header), flush=True)
+  rows = []
+
+  def emit(row):
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+  torch_ref: dict[tuple[str, int], float] = {}
+  for arch in a.archs.split(","):
+    for batch in [int(b) for b in a.batches.split(",")]:
+      for variant in [v for v in a.torch.split(",") if v]:
+        try:
+          r = bench_torch(arch, width=a.width, batch=batch, amp=variant == "amp",
+                          num_steps=a.attack_steps, iters=max(2, a.iters // 4),
+                          repeats=a.repeats)
+        except Exception as e:  # pylint: disable=broad-except
+          r = {"framework": "torch", "arch": arch, "batch": batch, "variant": variant,
+               "error": f"{type(e).__name__}: {e}"}
+        if variant == "float32" and "images_per_s" in r:
+          torch_ref[(arch, batch)] = r["images_per_s"]
+        emit(r)
+      for precision in a.precisions.split(","):
+        for k in [int(d) for d in a.dispatch.split(",")]:
+          for method in a.methods.split(","):
+            r = bench_jax(method, arch, width=a.width, batch=batch, precision=precision,
+                          num_steps=a.attack_steps, steps_per_dispatch=k, iters=a.iters,
+                          repeats=a.repeats)
+            r["fraction_of_peak"] = r["tflops"] / peak
+            if (arch, batch) in torch_ref:
+              r["ratio_vs_torch_eager_f32"] = r["images_per_s"] / torch_ref[(arch, batch)]
+            emit(r)
+        if a.host_batches:
+          r = bench_jax("pgd_at", arch, width=a.width, batch=batch, precision=precision,
+                        num_steps=a.attack_steps, steps_per_dispatch=1, iters=a.iters,
+                        repeats=a.repeats, host_batches=True)
+          emit(r)
+  if a.out:
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+      json.dump({"header": header, "rows": rows, "command": " ".join(sys.argv)}, f, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
