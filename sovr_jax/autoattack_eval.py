@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 import sovr_jax
-from sovr_jax import export, torch_models
+from sovr_jax import export
 
 #: Attacks pyautoattack knows (for --attacks), and its preset versions.
 ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -480,8 +480,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for p in (state_path, Path(progress_path)):  # finished: the next run starts afresh
     with contextlib.suppress(FileNotFoundError):
       p.unlink()
-  _log(f"clean {results['clean_acc']:.2%} | " + " | ".join(
-      f"after {a}: {robust_after[a]:.2%} ({time_per[a]:.1f} s)" for a in attack_order)
+  def fmt(a):
+    acc, secs = robust_after[a], time_per[a]
+    return (f"after {a}: {'?' if acc is None else f'{acc:.2%}'} "
+            f"({'?' if secs is None else f'{secs:.1f}'} s)")
+
+  _log(f"clean {results['clean_acc']:.2%} | " + " | ".join(fmt(a) for a in attack_order)
        + f" | robust accuracy {robust_acc:.2%} -> {out}")
   if args.jax_pgd:
     _log(f"JAX (upper bounds): clean {results['jax_clean_acc']:.2%}, PGD-20 "

@@ -16,8 +16,9 @@ scale/bias/mean/var -> weight/bias/running_mean/running_var (+ num_batches_track
 the biased batch variance in its running statistics; both frameworks use the stored value as is in
 eval mode, so the exported model computes the same function as ``model.apply(v, x, train=False)``.
 
-Only ``to_state_dict``'s input handling, ``export_workdir`` and ``restore_run`` need JAX, and they
-import it lazily: ``load_exported`` works with torch + json + ``sovr_jax.torch_models`` alone.
+Only ``restore_run``, ``export_workdir`` and ``compare_with_jax`` need JAX, and they import it
+lazily: ``to_state_dict`` (any arrays numpy can read) and ``load_exported`` work with torch +
+numpy + json + ``sovr_jax.torch_models`` alone.
 """
 
 from __future__ import annotations
@@ -285,7 +286,8 @@ def compare_with_jax(run: RestoredRun, torch_model: torch.nn.Module,
 
   x = images.astype(np.float32) / 255.0
   with jax.default_matmul_precision("float32"):
-    jax_logits = np.asarray(run.model.apply(run.variables, x, train=False))
+    apply = jax.jit(lambda v, x: run.model.apply(v, x, train=False))
+    jax_logits = np.asarray(apply(run.variables, x))
   param = next(torch_model.parameters())
   with torch.no_grad():
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).to(param.device)
@@ -434,7 +436,7 @@ def load_exported(path: str, *, map_location: str | torch.device = "cpu",
   model = torch_models.build_torch_model(
       info["architecture"], num_classes=info["num_classes"], width=info["width"],
       mean=info["mean"], std=info["std"], input_shape=info["input_shape"])
-  state_dict = torch.load(weights, map_location=map_location, weights_only=True)
+  state_dict = torch.load(weights, map_location="cpu", weights_only=True)
   torch_models.load_weights(model, state_dict)
   return model.to(map_location).eval()
 

@@ -208,7 +208,8 @@ class WideBasicBlock(nn.Module):
     self.conv1 = _conv(in_ch, features, 3, stride, 1)
     self.bn2 = _bn(features)
     self.conv2 = _conv(features, features, 3, 1, 1)
-    self.convShortcut = None if self.equal_in_out else _conv(in_ch, features, 1, stride, 0)  # pylint: disable=invalid-name
+    # pylint: disable-next=invalid-name
+    self.convShortcut = None if self.equal_in_out else _conv(in_ch, features, 1, stride, 0)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     act = F.relu(self.bn1(x))
@@ -352,7 +353,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn
   for k in NORMALIZATION_BUFFERS:  # compared by value (1 entry broadcasts), never loaded
     if k not in given:
       continue
-    g, e = given.pop(k).float().reshape(-1), expected[k].float().reshape(-1)
+    g = given.pop(k).detach().cpu().float().reshape(-1)
+    e = expected[k].detach().cpu().float().reshape(-1)
     if g.numel() != e.numel() and 1 in (g.numel(), e.numel()):
       g, e = torch.broadcast_tensors(g, e)
     if g.shape != e.shape or not torch.allclose(g, e):

@@ -132,7 +132,8 @@ def test_logits_and_input_gradients_agree(name, width):
     (_, logits), g = jax.value_and_grad(loss, has_aux=True)(x)
     return logits, g
 
-  jax_logits, jax_grad = logits_and_grad(variables, x)
+  with jax.default_matmul_precision("float32"):  # no TF32 where JAX runs on a GPU
+    jax_logits, jax_grad = logits_and_grad(variables, x)
   tm, sd = torch_twin(name, width, variables, mean, std)
   xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).requires_grad_(True)
   logits = tm(xt)
