@@ -1,0 +1,309 @@
+"""FAB (Fast Adaptive Boundary) attack, L-inf, targeted (FAB-T) and untargeted, in JAX.
+
+Croce & Hein, "Minimally distorted adversarial examples with a fast adaptive
+boundary attack", ICML 2020 (Algorithm 1), as run by AutoAttack (Croce & Hein,
+ICML 2020, "Reliable evaluation of adversarial robustness with an ensemble of
+diverse parameter-free attacks"), following the reference implementation
+(github.com/fra31/auto-attack: ``fab_base.py``, ``fab_pt.py``,
+``fab_projections.py``; here the ``pyautoattack`` package).
+
+Per iteration, with x the clean point and x^(k) the iterate: linearise the
+decision boundary between the label y and a class s,
+
+  f_s(z) ~ f_s(x^(k)) + <grad f_s(x^(k)), z - x^(k)>,  f_s = z_s - z_y,
+
+with s the target class t (FAB-T) or the class whose linearised boundary is
+closest in L-inf, argmin_s |f_s| / ||grad f_s||_1 (untargeted). Let
+proj(p) be the minimal L-inf step d with p + d on that hyperplane and in
+[0, 1]^d (``projection_linf``), d1 = proj(x^(k)), d2 = proj(x), and
+
+  alpha = min(max(||d1|| / (||d1|| + ||d2||), 0), alpha_max),
+  x^(k+1) = clip((1 - alpha)(x^(k) + eta d1) + alpha (x + eta d2), 0, 1).
+
+When x^(k+1) is misclassified it is kept if closer to x than the best so far,
+and the iterate steps back: x^(k+1) <- x + beta (x^(k+1) - x). A point counts
+as broken when its closest misclassified iterate lies within eps of x.
+AutoAttack's standard version runs FAB-T with n_iter = 100, alpha_max = 0.1,
+eta = 1.05, beta = 0.9, one restart (no random start) for each of the 9
+runner-up classes; only still-robust points are attacked (masked, see
+``common``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from sovr_jax.attacks.autoattack import common
+
+Array = jax.Array
+ModelFn = common.ModelFn
+
+#: The reference's "no adversarial example yet" distance.
+NO_ADV = 1e10
+
+
+def projection_linf(points: Array, w: Array, b: Array, *, n_bisect: int = 32) -> Array:
+  """Minimal L-inf step onto the hyperplane {z : <w, z> = b} inside the box [0, 1]^D.
+
+  Solves the problem of the reference's ``fab_projections.projection_linf`` per row: the step
+  d [M, D] with ||d||_inf minimal such that <w, p + d> = b and p + d in [0, 1]^D, or, if the box
+  does not reach the hyperplane, the box corner that comes closest. With the sign of (w, b)
+  chosen so that <w, p> >= b, coordinate i moves towards its bound a_i (1 where w_i < 0, else
+  0), by min(lambda, q_i) with q_i = |a_i - p_i|, and lambda solves
+
+      g(lambda) = sum_i |w_i| min(lambda, q_i) = <w, p> - b,
+
+  g being increasing and piecewise linear. The reference sorts the breakpoints q_i and bisects
+  over their ranks; here ``n_bisect`` bisection steps on lambda itself (no sort, which is slow
+  in XLA) bracket the solution to float precision, and lambda is then solved for exactly on
+  the linear piece above the bracket's lower end. Same result up to float round-off
+  (``projection_linf_sorted`` is the line-by-line port).
+
+  Args:
+    points: [M, D] points p; w: [M, D] normals; b: [M] offsets.
+  """
+  chex.assert_rank(points, 2)
+  chex.assert_equal_shape((points, w))
+  chex.assert_shape(b, points.shape[:1])
+  t = points
+  wt = jnp.sum(w * t, axis=1)
+  sign = jnp.where(wt - b >= 0, 1.0, -1.0).astype(w.dtype)
+  w = w * sign[:, None]
+  need = (wt - b) * sign                        # >= 0: the decrease of <w, .> needed
+  a = (w < 0).astype(t.dtype)
+  nonzero = (w != 0).astype(t.dtype)
+  q = a - t * (2 * a - 1)                       # distance to the bound a_i
+  aw = jnp.abs(w)
+  g_max = jnp.sum(aw * q, axis=1)               # the largest decrease inside the box
+  reachable = need < g_max
+
+  def g(lam):
+    return jnp.sum(aw * jnp.minimum(lam[:, None], q), axis=1)
+
+  def bisect(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    below = g(mid) < need
+    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+  hi0 = jnp.max(q * nonzero, axis=1)
+  lo, hi = jax.lax.fori_loop(0, n_bisect, bisect, (jnp.zeros_like(hi0), hi0))
+  free = q > lo[:, None]                        # not yet at their bound on the final piece
+  fixed_sum = jnp.sum(jnp.where(free, 0.0, aw * q), axis=1)
+  free_w = jnp.sum(jnp.where(free, aw, 0.0), axis=1)
+  lam = jnp.clip((need - fixed_sum) / jnp.where(free_w > 0, free_w, 1.0), lo, hi)
+  step = jnp.where(reachable[:, None], jnp.minimum(lam[:, None], q), q)
+  return (2 * a - 1) * step * nonzero
+
+
+def projection_linf_sorted(points: Array, w: Array, b: Array) -> Array:
+  """``projection_linf`` as the reference computes it (a line-by-line port, for checking).
+
+  The reference's ``fab_projections.projection_linf`` vectorised over rows: returns d [M, D]
+  with ||d||_inf minimal such that <w, p + d> = b and p + d in [0, 1]^D, or, if the box does not
+  reach the hyperplane, the box corner that comes closest. With the signs chosen so that
+  <w, p> >= b, coordinate i moves towards its bound a_i (1 where w_i < 0, else 0) by
+  min(lambda, |a_i - p_i|); the largest breakpoint |a_i - p_i| below the optimal lambda is found
+  by bisection over the sorted breakpoints, then lambda solves <w, d(lambda)> = b - <w, p>.
+
+  Args:
+    points: [M, D] points p; w: [M, D] normals; b: [M] offsets.
+  """
+  chex.assert_rank(points, 2)
+  chex.assert_equal_shape((points, w))
+  chex.assert_shape(b, points.shape[:1])
+  t = points
+  num = t.shape[1]
+  sign = jnp.where(jnp.sum(w * t, axis=1) - b >= 0, 1.0, -1.0).astype(w.dtype)
+  w = w * sign[:, None]
+  b = b * sign
+  a = (w < 0).astype(t.dtype)
+  nonzero = (w != 0).astype(t.dtype)
+  d = (a - t) * nonzero
+  p = a - t * (2 * a - 1)
+  indp = jnp.argsort(p, axis=1)
+  b = b - jnp.sum(w * t, axis=1)
+  b0 = jnp.sum(w * d, axis=1)
+  indp2 = indp[:, ::-1]
+  ws = jnp.take_along_axis(w, indp2, axis=1)
+  bs2 = -ws * jnp.take_along_axis(d, indp2, axis=1)
+  s = jnp.cumsum(jnp.abs(ws), axis=1)
+  sb = jnp.cumsum(bs2, axis=1) + b0[:, None]
+  b2 = sb[:, -1] - s[:, -1] * jnp.take_along_axis(p, indp[:, :1], axis=1)[:, 0]
+  c_l = b - b2 > 0
+  c2 = (b - b0 > 0) & ~c_l
+
+  def take(v, idx):
+    return jnp.take_along_axis(v, idx[:, None], axis=1)[:, 0]
+
+  def bisect(_, bounds):
+    lb, ub = bounds
+    mid = (lb + ub) // 2
+    indcurr = take(indp, num - 1 - mid)
+    b2 = take(sb, mid) - take(s, mid) * take(p, indcurr)
+    c = b - b2 > 0
+    return jnp.where(c, mid, lb), jnp.where(c, ub, mid)
+
+  m = t.shape[0]
+  lb0 = jnp.zeros((m,), jnp.int32)
+  ub0 = jnp.full((m,), num - 1, jnp.int32)
+  nitermax = math.ceil(math.log2(num)) if num > 1 else 0
+  lb, _ = jax.lax.fori_loop(0, nitermax, bisect, (lb0, ub0))
+
+  lmbd_l = jnp.maximum((b - sb[:, -1]) / (-s[:, -1]), 0.0)
+  d_l = (2 * a - 1) * lmbd_l[:, None]
+  lmbd_2 = jnp.maximum((b - take(sb, lb)) / (-take(s, lb)), 0.0)[:, None]
+  d_2 = jnp.minimum(lmbd_2, d) * a + jnp.maximum(-lmbd_2, d) * (1 - a)
+  d = jnp.where(c_l[:, None], d_l, jnp.where(c2[:, None], d_2, d))
+  return d * nonzero
+
+
+class FABRun(NamedTuple):
+  """One FAB run (the reference's ``attack_single_run``), per example."""
+  x_adv: Array   # [N, ...] the closest misclassified iterate (x where none)
+  dist: Array    # [N] its L-inf distance to x (NO_ADV where none)
+
+
+def _boundary(model_fn: ModelFn, x1: Array, y: Array,
+              targets: Array | None) -> tuple[Array, Array]:
+  """(f, grad f) of the boundary to attack at x1: f = z_t - z_y (targeted), else the class
+  with the closest linearised boundary (the reference's ``get_diff_logits_grads_batch``)."""
+  logits, vjp = jax.vjp(model_fn, x1)
+  num_classes, out_dtype = logits.shape[-1], logits.dtype
+  logits = logits.astype(jnp.float32)
+  onehot_y = jax.nn.one_hot(y, num_classes, dtype=logits.dtype)
+  z_y = jnp.sum(logits * onehot_y, axis=-1)
+  if targets is not None:
+    onehot_t = jax.nn.one_hot(targets, num_classes, dtype=logits.dtype)
+    (g,) = vjp((onehot_t - onehot_y).astype(out_dtype))
+    return jnp.sum(logits * onehot_t, axis=-1) - z_y, g.astype(jnp.float32)
+  eye = jnp.eye(num_classes, dtype=out_dtype)
+  jac = jax.vmap(lambda e: vjp(jnp.broadcast_to(e, (x1.shape[0], num_classes)))[0])(eye)
+  jac = jnp.moveaxis(jac, 0, 1).astype(jnp.float32)  # [N, K, ...]
+  jac_y = jnp.take_along_axis(jac, common.bcast(y, jac), axis=1)
+  dg = jac - jac_y
+  df = jnp.where(onehot_y > 0, NO_ADV, logits - z_y[:, None])
+  dist = jnp.abs(df) / (1e-12 + jnp.sum(jnp.abs(dg.reshape(dg.shape[:2] + (-1,))), axis=-1))
+  ind = jnp.argmin(dist, axis=1)
+  f = jnp.take_along_axis(df, ind[:, None], axis=1)[:, 0]
+  g = jnp.take_along_axis(dg, common.bcast(ind, dg), axis=1)[:, 0]
+  return f, g
+
+
+def fab_run(model_fn: ModelFn, x: Array, y: Array, x_start: Array, *, eps: float,
+            n_iter: int = 100, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+            targets: Array | None = None, active: Array | None = None,
+            early_stop: bool = True) -> FABRun:
+  """One FAB run of ``n_iter`` iterations from ``x_start`` (see the module doc; L-inf).
+
+  ``targets`` [N] gives FAB-T, None the untargeted FAB (a full Jacobian per iteration). With
+  ``early_stop`` the run ends once every ``active`` point has a misclassified iterate within eps
+  (the reference keeps shrinking the distance; that cannot change which points are broken at
+  eps, only how far inside the ball the returned example lies).
+  """
+  common.check_common(x, y, eps=eps, norm="linf")
+  common.check_positive_int("n_iter", n_iter)
+  chex.assert_equal_shape((x, x_start))
+  active = common.active_mask(active, y)
+  x = jax.lax.stop_gradient(x).astype(jnp.float32)
+  n = x.shape[0]
+  x0 = common.flat(x)
+
+  def body(s):
+    x1 = s["x1"]
+    f, g = _boundary(model_fn, x1, y, targets)
+    w = common.flat(g)
+    b = -f + jnp.sum(w * common.flat(x1), axis=1)
+    d3 = projection_linf(jnp.concatenate([common.flat(x1), x0], 0),
+                         jnp.concatenate([w, w], 0), jnp.concatenate([b, b], 0))
+    d1, d2 = d3[:n].reshape(x.shape), d3[n:].reshape(x.shape)
+    a0 = jnp.maximum(jnp.max(jnp.abs(d3), axis=1), 1e-8)
+    a1, a2 = a0[:n], a0[n:]
+    alpha = common.bcast(jnp.clip(a1 / (a1 + a2), 0.0, alpha_max), x)
+    x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x + d2 * eta) * alpha, 0.0, 1.0)
+    is_adv = common.predict(model_fn, x1) != y
+    dist = common.linf_norm(x1 - x)
+    closer = is_adv & (dist < s["dist"])
+    return dict(
+        i=s["i"] + 1,
+        x1=jnp.where(common.bcast(is_adv, x), x + (x1 - x) * beta, x1),
+        x_adv=jnp.where(common.bcast(closer, x), x1, s["x_adv"]),
+        dist=jnp.where(closer, dist, s["dist"]))
+
+  def cond(s):
+    go = s["i"] < n_iter
+    if early_stop:
+      go = go & jnp.any(active & (s["dist"] > eps))
+    return go
+
+  state = dict(i=jnp.zeros((), jnp.int32), x1=x_start.astype(jnp.float32), x_adv=x,
+               dist=jnp.full((n,), NO_ADV, jnp.float32))
+  s = jax.lax.while_loop(cond, body, state)
+  return FABRun(x_adv=s["x_adv"], dist=s["dist"])
+
+
+def random_start(rng: Array, x: Array, *, eps: float) -> Array:
+  """The reference's random start of restarts > 0: clip(x + eps/2 * u / ||u||_inf, 0, 1)."""
+  u = jax.random.uniform(rng, x.shape, x.dtype, -1.0, 1.0)
+  return jnp.clip(x + 0.5 * eps * u / common.bcast(common.linf_norm(u), x), 0.0, 1.0)
+
+
+def fab(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
+        norm: str = "linf", targeted: bool = True, n_iter: int = 100, n_restarts: int = 1,
+        n_target_classes: int = 9, alpha_max: float = 0.1, eta: float = 1.05,
+        beta: float = 0.9, active: Array | None = None, early_stop: bool = True) -> Array:
+  """FAB-T (``targeted``) or FAB: the reference's ``FABAttack.perturb`` (L-inf only).
+
+  FAB-T runs ``n_restarts`` times for each target class t(k) = the class with the k-th largest
+  clean logit, k = 2 .. n_target_classes + 1 (capped at K); each run attacks the points still
+  robust; restarts after the first start at ``random_start`` (AutoAttack's standard version uses
+  one restart, so FAB-T is deterministic). A point is broken when the returned example is
+  misclassified and within eps.
+
+  Args:
+    model_fn: x -> logits [N, K]; x: clean inputs in [0, 1], [N, ...]; y: int labels [N].
+    rng: key for the random starts of restarts > 0.
+    active: [N] bool, the points to attack (default all); others are left as x.
+    early_stop: skip runs with no robust point and end a run once all its points are broken.
+
+  Returns:
+    x_adv [N, ...]: the closest adversarial example found for the broken points, x elsewhere.
+  """
+  common.check_common(x, y, eps=eps, norm=norm, norms=("linf",))
+  for name, v in (("n_iter", n_iter), ("n_restarts", n_restarts),
+                  ("n_target_classes", n_target_classes)):
+    common.check_positive_int(name, v)
+  x = jax.lax.stop_gradient(x)
+  clean_logits = model_fn(x)
+  num_classes = clean_logits.shape[-1]
+  robust = (jnp.argmax(clean_logits, axis=-1) == y) & common.active_mask(active, y)
+  ks = list(range(2, min(n_target_classes, num_classes - 1) + 2)) if targeted else [1]
+  ks = jnp.asarray(ks, jnp.int32)
+  n_runs = int(ks.shape[0]) * n_restarts
+
+  def one_run(j, carry):
+    robust, x_adv = carry
+    key = jax.random.fold_in(rng, j)
+    restart = j % n_restarts
+    targets = common.first_k_largest(clean_logits, ks[j // n_restarts]) if targeted else None
+
+    def attack(_):
+      start = jnp.where(restart > 0, random_start(key, x, eps=eps), x)
+      run = fab_run(model_fn, x, y, start, eps=eps, n_iter=n_iter, alpha_max=alpha_max,
+                    eta=eta, beta=beta, targets=targets, active=robust, early_stop=early_stop)
+      found = (common.predict(model_fn, run.x_adv) != y) & (common.linf_norm(run.x_adv - x)
+                                                            <= eps)
+      broken = robust & found
+      return robust & ~broken, jnp.where(common.bcast(broken, x), run.x_adv, x_adv)
+
+    if not early_stop:
+      return attack(None)
+    return jax.lax.cond(jnp.any(robust), attack, lambda _: (robust, x_adv), None)
+
+  _, x_adv = jax.lax.fori_loop(0, n_runs, one_run, (robust, x))
+  return jax.lax.stop_gradient(x_adv)
