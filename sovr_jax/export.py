@@ -299,13 +299,13 @@ def compare_with_jax(run: RestoredRun, torch_model: torch.nn.Module,
 
 
 def export_workdir(workdir: str, out_dir: str, *, checkpoint: str = "best",
-                   dataset: Any = None) -> str:
+                   dataset: Any = None, check_examples: int = EXPORT_CHECK_EXAMPLES) -> str:
   """Exports the newest ``checkpoint`` ("best" or "latest") of a training run to ``out_dir``.
 
   Writes ``out_dir/model.pt`` (the PyTorch state dict, ``torch.save``) and ``out_dir/model.json``
   (architecture, width, num_classes, mean, std, input shape, source checkpoint and step, data
   set, eps, method, the full training config, versions, and the result of a JAX-vs-PyTorch check
-  on the first test images), both atomically. ``dataset`` avoids reloading the run's data.
+  on the first ``check_examples`` test images, 0 = all), both atomically. ``dataset`` avoids reloading the run's data.
 
   Returns:
     The path of ``model.json``.
@@ -324,7 +324,7 @@ def export_workdir(workdir: str, out_dir: str, *, checkpoint: str = "best",
                                           width=cfg.model.width, mean=ds.mean, std=ds.std,
                                           input_shape=(c, h, w))
   torch_models.load_weights(tmodel, sd).eval()
-  check = compare_with_jax(run, tmodel, ds.test_images[:EXPORT_CHECK_EXAMPLES])
+  check = compare_with_jax(run, tmodel, ds.test_images[:check_examples or None])
   check["rtol"] = EXPORT_CHECK_RTOL
   if not check["max_rel_logit_diff"] <= EXPORT_CHECK_RTOL:
     raise RuntimeError(
@@ -454,15 +454,19 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser.add_argument("--out", required=True, help="output directory (created if needed)")
   parser.add_argument("--checkpoint", choices=CHECKPOINT_KINDS, default="best",
                       help="best-by-validation (default) or the latest checkpoint")
+  parser.add_argument("--check_examples", type=int, default=EXPORT_CHECK_EXAMPLES,
+                      help="test images on which JAX and PyTorch logits and labels are compared "
+                           "(0 = the whole test split)")
   args = parser.parse_args(argv)
-  path = export_workdir(args.workdir, args.out, checkpoint=args.checkpoint)
+  path = export_workdir(args.workdir, args.out, checkpoint=args.checkpoint,
+                        check_examples=args.check_examples)
   with open(path) as f:
     info = json.load(f)
   check = info["export_check"]
   print(f"Exported {info['architecture']} (width {info['width']}, {info['num_params']:,} params, "
         f"{info['dataset']}) from {info['source']['path']} (step {info['source']['step']}) to "
         f"{path}; JAX vs PyTorch on {check['n']} test images: max relative logit difference "
-        f"{check['max_rel_logit_diff']:.2e}, label agreement {check['label_agreement']:.0%}.")
+        f"{check['max_rel_logit_diff']:.2e}, label agreement {check['label_agreement']:.2%}.")
   return path
 
 
