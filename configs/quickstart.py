@@ -33,5 +33,5 @@ def get_config(method: str = "sovr"):
   c.eval.every_epochs = 2
   c.eval.batch_size = 500
   c.eval.step_size = 0.01          # PGD-20 / CW-20 at eps / 10 per step.
-  c.eval.margin_examples = 1000
+  c.eval.margin_examples = 500
   return c

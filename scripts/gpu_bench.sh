@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU benchmark matrix of the performance issue, one JSON per part so that
+# a timeout keeps what finished. Runs from the repo root on the device machine:
+#   bash scripts/gpu_bench.sh            # writes $OUT/bench_*.json (about 8 min on an H100)
+#   SMOKE=1 OUT=/tmp/o bash scripts/gpu_bench.sh   # the same parts at CPU sizes
+# ml_collections (and, where missing, absl/yaml) travel in _carry/ (see docs/performance.md).
+set -uo pipefail
+OUT=${OUT:?set OUT}
+export PYTHONPATH="$PWD:$PWD/_carry/pylib"
+python -c "import yaml, absl" 2>/dev/null || export PYTHONPATH="$PYTHONPATH:$PWD/_carry/fallback"
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) > "$OUT/gpu.txt" 2>&1
+python -c "import jax, flax, torch; print(jax.__version__, flax.__version__, torch.__version__, jax.devices())" | tee "$OUT/versions.txt"
+if [ -n "${SMOKE:-}" ]; then S="--cpu_smoke"; W=0.0625; else S=""; W=1.0; fi
+part() {  # name, timeout, args...
+  local name=$1 t=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$t" python -m sovr_jax.bench $S "$@" --out "$OUT/bench_$name.json" 2>&1 | tail -n 40
+}
+# 1. PGD-AT, PreActResNet-18, bf16, batch 128 and 512, vs PyTorch eager f32 and bf16 autocast.
+part prn18_pgd_at 170 --archs preact_resnet18 --batches 128,512 --precisions bfloat16 \
+  --methods pgd_at --dispatch 1,4 --torch float32,amp --host_batches
+# 2. Every method at batch 512 (overhead vs PGD-AT), bf16.
+part prn18_methods 130 --archs preact_resnet18 --batches 512 --precisions bfloat16 \
+  --methods sovr,trades,mail_at,gairat --torch "" --iters 10 --repeats 3
+# 3. float32 at batch 512.
+part prn18_f32 60 --archs preact_resnet18 --batches 512 --precisions float32 --methods pgd_at --torch ""
+# 4. WideResNet-34-10, bf16, batch 512 (PyTorch at 128: 512 is slow in eager f32).
+part wrn34_10 70 --archs wrn34_10 --batches 512 --precisions bfloat16 --methods pgd_at \
+  --torch "" --iters 6 --repeats 3
+echo "=== done ($(date +%T))"
