@@ -250,6 +250,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   argv = list(sys.argv[1:] if argv is None else argv)
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU to PyTorch
 
+  if args.engine == "jax" and not args.workdir:
+    raise ValueError("--engine jax attacks the JAX model itself: give --workdir (a training run).")
   if not args.workdir and not args.export:
     raise ValueError("Give --workdir (a training run; exported on the fly) or --export (a "
                      "directory written by python -m sovr_jax.export).")
@@ -286,6 +288,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   check_eps(eps, norm)
   _log(f"Loading the test split of {cfg.data.name} ...")
   ds = experiment.load_data(cfg)
+  if args.engine == "jax":
+    return _run_jax(args, argv, workdir, cfg, ds, eps, norm, attacks)
   if json_path is None:
     _log(f"Exporting {workdir} ({info['_reason']}) ...")
     json_path, info = export.read_export_info(export.export_workdir(
@@ -601,6 +605,56 @@ def _jax_pgd(workdir, info, ds, images, labels, eps, cfg, args) -> dict[str, Any
           "jax_time_s": time.time() - t0}
 
 
+def _run_jax(args, argv, workdir, cfg, ds, eps, norm, attacks) -> dict[str, Any]:
+  """The same evaluation with sovr_jax's own AutoAttack on the JAX model (no export)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from sovr_jax import sharding  # pylint: disable=import-outside-toplevel
+  from sovr_jax.attacks import autoattack  # pylint: disable=import-outside-toplevel
+
+  if args.version != "standard":
+    raise ValueError("--engine jax implements the standard version (or --attacks).")
+  run = export.restore_run(workdir, checkpoint=args.checkpoint, dataset=ds)
+  n = min(args.n, ds.num_test)
+  images, labels = ds.test_images[:n], ds.test_labels[:n]
+  mesh = sharding.make_mesh()
+  variables = sharding.replicate(run.variables, mesh)
+  bs = max(mesh.devices.size, min(args.batch_size, n) - min(args.batch_size, n)
+           % mesh.devices.size)
+
+  def model_fn(x):
+    return run.model.apply(variables, x, train=False)
+
+  _log(f"JAX AutoAttack ({','.join(attacks or autoattack.STANDARD_ATTACKS)}) on {n} "
+       f"{ds.name} test examples, {norm} eps={eps:.6g}, seed {args.seed}, batch {bs}, "
+       f"{mesh.devices.size} {jax.devices()[0].platform} device(s); step {run.step}.")
+  t0 = time.time()
+  result = autoattack.run_standard(
+      model_fn, images.astype(np.float32) / 255.0, labels, args.seed, eps=eps,
+      norm=norm.lower(), batch_size=bs, attacks=tuple(attacks or autoattack.STANDARD_ATTACKS),
+      n_target_classes=min(9, ds.num_classes - 1), mesh=mesh, log=_log)
+  summary = dict(result["summary"])
+  summary.update({
+      "engine": "jax", "total_time_s": time.time() - t0, "dataset": ds.name,
+      "model": {"architecture": cfg.model.name, "width": cfg.model.width,
+                "num_classes": ds.num_classes, "method": cfg.method, "step": run.step,
+                "checkpoint": args.checkpoint},
+      "workdir": workdir, "command": "python -m sovr_jax.autoattack_eval " + shlex.join(argv),
+      "created": datetime.datetime.now().isoformat(timespec="seconds"),
+      "versions": {"jax": jax.__version__, "sovr_jax": sovr_jax.__version__,
+                   "python": platform.python_version()}})
+  if args.jax_pgd:
+    info = {"source": {"checkpoint": args.checkpoint, "step": run.step}}
+    summary.update(_jax_pgd(workdir, info, ds, images, labels, eps, cfg, args))
+    summary["robust_acc_le_jax_pgd20"] = summary["robust_acc"] <= summary["jax_pgd20_acc"]
+  out = os.path.abspath(args.out or os.path.join(workdir, "autoattack_jax.json"))
+  _atomic_json(out, summary)
+  after = " | ".join(f"after {k}: {v:.2%} ({summary['time_s'].get(k, 0.0):.1f} s)"
+                     for k, v in summary["robust_acc_after"].items())
+  _log(f"clean {summary['clean_acc']:.2%} | {after} | robust accuracy "
+       f"{summary['robust_acc']:.2%} -> {out}")
+  return summary
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m sovr_jax.autoattack_eval",
@@ -620,6 +674,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="pyautoattack version (default: standard)")
   p.add_argument("--attacks", help=f"custom comma-separated subset of {', '.join(ATTACKS)} "
                  "(run with the standard version's settings)")
+  p.add_argument("--engine", choices=("reference", "jax"), default="reference",
+                 help="reference: pyautoattack on the PyTorch export (default); jax: "
+                 "sovr_jax.attacks.autoattack on the JAX model (default out: "
+                 "WORKDIR/autoattack_jax.json)")
   p.add_argument("--jax_pgd", action="store_true",
                  help="also run the JAX model's PGD-20 and CW-20 on the same points")
   p.add_argument("--out", help="results JSON (default: WORKDIR/autoattack.json)")

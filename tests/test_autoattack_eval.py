@@ -131,3 +131,20 @@ def test_command_line_on_an_export(tiny_run, tmp_path):
        "--out", str(out)], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
       timeout=300)
   assert proc.returncode == 2 and "8/255" in proc.stderr
+
+
+def test_jax_engine_matches_the_reference_shape_and_numbers(tiny_run, tmp_path):
+  """--engine jax: sovr_jax's AutoAttack on the JAX model, same JSON shape; on the same
+  points its APGD-CE robust accuracy is close to the reference's."""
+  ref = autoattack_eval.run(["--workdir", tiny_run, "--attacks", "apgd-ce",
+                             "--out", str(tmp_path / "ref.json"), *FAST])
+  jx = autoattack_eval.run(["--workdir", tiny_run, "--engine", "jax", "--attacks", "apgd-ce",
+                            "--out", str(tmp_path / "jax.json"), *FAST])
+  for key in ("clean_acc", "robust_acc", "robust_acc_after", "time_s", "n", "eps", "seed"):
+    assert key in jx, key
+  assert jx["engine"] == "jax" and jx["n"] == ref["n"] == 16
+  assert jx["clean_acc"] == pytest.approx(ref["clean_acc"])
+  assert abs(jx["robust_acc"] - ref["robust_acc"]) <= 2 / 16
+  assert jx["checks"]["within_eps"] and jx["checks"]["in_unit_range"]
+  with pytest.raises(ValueError, match="--workdir"):
+    autoattack_eval.run(["--export", str(tmp_path), "--engine", "jax", *FAST])
