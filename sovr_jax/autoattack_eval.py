@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 import sovr_jax
-from sovr_jax import export
+from sovr_jax import export, jsonio
 
 #: Attacks pyautoattack knows (for --attacks), and its preset versions.
 ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -203,14 +203,6 @@ def _log(msg: str) -> None:
   print(f"[{datetime.datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _atomic_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=export._json_default)  # pylint: disable=protected-access
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device: str) -> np.ndarray:
   out = []
   with torch.no_grad():
@@ -346,13 +338,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   def on_attack_done(attack: str, count: int, seconds: float) -> None:
     progress["attacks"][attack] = {"robust_count": count, "time_s": seconds,
                                    "session": progress["sessions"]}
-    _atomic_json(progress_path, progress)
+    jsonio.write_json_atomic(progress_path, progress)
 
   progress.update(subset=subset.tolist(), subset_robust=resumed,
                   sessions=progress.get("sessions", 0) + 1)
   with contextlib.suppress(FileNotFoundError):
     state_path.unlink()  # merged into the progress record by _start_session
-  _atomic_json(progress_path, progress)
+  jsonio.write_json_atomic(progress_path, progress)
   handler = _AutoAttackLog(state_path, on_attack_done,
                            f" (on the {len(subset)} points still robust)" if resumed else "")
   x_adv = x.clone()
@@ -480,7 +472,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"should be the stronger attack: check the export (model.json export_check), eps, "
             f"and that the attacks ran on the right model.")
 
-  _atomic_json(out, results)
+  jsonio.write_json_atomic(out, results)
   for p in (state_path, Path(progress_path)):  # finished: the next run starts afresh
     with contextlib.suppress(FileNotFoundError):
       p.unlink()
@@ -647,7 +639,7 @@ def _run_jax(args, argv, workdir, cfg, ds, eps, norm, attacks) -> dict[str, Any]
     summary.update(_jax_pgd(workdir, info, ds, images, labels, eps, cfg, args))
     summary["robust_acc_le_jax_pgd20"] = summary["robust_acc"] <= summary["jax_pgd20_acc"]
   out = os.path.abspath(args.out or os.path.join(workdir, "autoattack_jax.json"))
-  _atomic_json(out, summary)
+  jsonio.write_json_atomic(out, summary)
   after = " | ".join(f"after {k}: {v:.2%} ({summary['time_s'].get(k, 0.0):.1f} s)"
                      for k, v in summary["robust_acc_after"].items())
   _log(f"clean {summary['clean_acc']:.2%} | {after} | robust accuracy "

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import sovr_jax
-from sovr_jax import torch_models
+from sovr_jax import jsonio, torch_models
 
 #: Written into model.json; bump on incompatible changes of the format.
 FORMAT = "sovr_jax.export/1"
@@ -262,22 +262,6 @@ def _sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def _atomic_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=_json_default)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def _json_default(o):
-  if isinstance(o, (np.floating, np.integer)):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
-
-
 def compare_with_jax(run: RestoredRun, torch_model: torch.nn.Module,
                      images: np.ndarray) -> dict[str, Any]:
   """JAX (float32) vs PyTorch logits on uint8 NHWC ``images``: max relative difference
@@ -373,7 +357,7 @@ def export_workdir(workdir: str, out_dir: str, *, checkpoint: str = "best",
       "command": " ".join(sys.argv),
   }
   path = os.path.join(out_dir, INFO_FILE)
-  _atomic_json(path, info)
+  jsonio.write_json_atomic(path, info)
   return path
 
 

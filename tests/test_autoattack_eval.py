@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-from configs import tiny
-from sovr_jax import autoattack_eval, experiment
+from sovr_jax import autoattack_eval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)  # shared cores: oversubscribed OpenMP threads slow torch ~100x
@@ -18,15 +17,8 @@ FAST = ["--n", "16", "--batch_size", "16", "--device", "cpu", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  """The run of tests/test_export.py's fixture (trained once per session, shared via basetemp)."""
-  workdir = tmp_path_factory.getbasetemp() / "tiny_run"
-  if not (workdir / "report.json").exists():
-    cfg = tiny.get_config("standard")
-    cfg.train.epochs = 1
-    cfg.data.num_train = 1024
-    experiment.train_and_evaluate(cfg, str(workdir))
-  return str(workdir)
+def tiny_run(trained_tiny_run):
+  return trained_tiny_run
 
 
 def test_apgd_ce_on_a_tiny_run_writes_the_results(tiny_run, tmp_path, capsys):

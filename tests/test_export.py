@@ -20,8 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from configs import tiny
-from sovr_jax import experiment, export, models, torch_models
+from sovr_jax import export, models, torch_models
 from sovr_jax.models import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,22 +33,9 @@ CASES = [("preact_resnet18", 0.0625), ("resnet18", 0.0625), ("wrn34_10", 0.0625)
          ("wrn28_10", 0.0625), ("small_cnn", 0.25)]
 
 
-def tiny_run_dir(factory) -> str:
-  """configs/tiny.py trained for one epoch, once per pytest session (shared through basetemp
-  with tests/test_autoattack_eval.py). 'standard' training on 1024 digits: SOVR's 8 steps of the
-  default tiny config leave a constant predictor, which would make label checks vacuous."""
-  workdir = factory.getbasetemp() / "tiny_run"
-  if not (workdir / "report.json").exists():
-    cfg = tiny.get_config("standard")
-    cfg.train.epochs = 1
-    cfg.data.num_train = 1024
-    experiment.train_and_evaluate(cfg, str(workdir))
-  return str(workdir)
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  return tiny_run_dir(tmp_path_factory)
+def tiny_run(trained_tiny_run):
+  return trained_tiny_run
 
 
 def _input_shape(name):
