@@ -93,7 +93,6 @@ def get_config(method: str = "sovr") -> ml_collections.ConfigDict:
   c.eval.pgd_steps = 20
   c.eval.step_size = 0.0           # 0 = eps / 4 (2/255 at 8/255).
   c.eval.cw_steps = 20
-  c.eval.num_test = 0              # test examples for the final report; 0 = all.
   c.eval.margin_examples = 2000    # training examples for the margin histogram.
 
   c.checkpoint = ml_collections.ConfigDict()

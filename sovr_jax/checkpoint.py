@@ -9,6 +9,10 @@ Restoring tries the newest checkpoint first; if it cannot be read it is moved
 to corrupt/ with a warning and the previous one is used, so a checkpoint torn
 by a crash costs at most ``checkpoint.every_epochs`` epochs, never the run.
 Saves are synchronous: when ``save`` returns, the checkpoint is on disk.
+
+With several processes (jax.distributed), every process calls ``save`` and
+``restore`` (Orbax coordinates them; the workdir must be on a file system all
+hosts share); only process 0 moves unreadable checkpoints aside.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ import jax
 import orbax.checkpoint as ocp
 
 STATE_FIELDS = ("step", "params", "batch_stats", "opt_state")
+
+
+def _sync(name: str) -> None:
+  """A barrier across processes (a no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
 
 
 class CheckpointError(RuntimeError):
@@ -74,6 +85,7 @@ class Checkpointer:
     if jax.process_index() == 0 and os.path.exists(src):
       os.makedirs(os.path.dirname(dst), exist_ok=True)
       shutil.move(src, dst)
+    _sync(f"checkpoint-moved-aside-{step}")  # the others reload after process 0 moved it
     mngr.reload()
     return dst
 
@@ -100,8 +112,9 @@ class Checkpointer:
         logging.warning("Checkpoint at step %d in %s is unreadable (%s); moved it to %s and "
                         "falling back to the previous checkpoint.", step, mngr.directory,
                         type(e).__name__, dst)
-        print(f"WARNING: checkpoint at step {step} is unreadable ({type(e).__name__}); moved "
-              f"to {dst}; falling back to the previous one.", flush=True)
+        if jax.process_index() == 0:
+          print(f"WARNING: checkpoint at step {step} is unreadable ({type(e).__name__}); "
+                f"moved to {dst}; falling back to the previous one.", flush=True)
     raise CheckpointError(
         f"No checkpoint in {mngr.directory} could be restored into the current model "
         f"({'; '.join(errors)}). If the workdir belongs to another model or config, use a new "

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sovr_jax import (checkpoint, config_lib, data, evaluate, losses, methods, models,
-                      sharding, train)
+from sovr_jax import (checkpoint, config_lib, data, evaluate, jsonio, losses, methods,
+                      models, sharding, train)
 
 UPPER_BOUND_NOTE = ("PGD-20 and CW-20 accuracies are upper bounds on robust accuracy; the "
                     "robustness figure is AutoAttack's (python -m sovr_jax.autoattack_eval).")
@@ -41,21 +41,16 @@ def _is_main() -> bool:
   return jax.process_index() == 0
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-  if not _is_main():
-    return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=_json_default)
-  os.replace(tmp, path)
+def _log(msg: str) -> None:
+  """Prints on process 0 only (one line per run, not one per host)."""
+  if _is_main():
+    print(msg, flush=True)
 
 
-def _json_default(o):
-  if isinstance(o, (np.floating, np.integer)):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
+def _write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write, from process 0 only."""
+  if _is_main():
+    jsonio.write_json_atomic(path, obj)
 
 
 def versions() -> dict[str, str]:
@@ -98,7 +93,7 @@ def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
       desc = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
       raise ValueError(f"Workdir {workdir} holds a run of a different model or setup ({desc}). "
                        f"Use a new --workdir, or delete {workdir} to start over.")
-  _atomic_write_json(path, {"signature": sig, "config": cfg.to_dict()})
+  _write_json(path, {"signature": sig, "config": cfg.to_dict()})
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -127,7 +122,7 @@ class _MetricsWriter:
     if not _is_main():
       return
     with open(self.path, "a") as f:
-      f.write(json.dumps(record, default=_json_default) + "\n")
+      f.write(json.dumps(record, default=jsonio.to_jsonable) + "\n")
     if self._tb is not None:
       for k, v in record.items():
         if isinstance(v, (int, float)) and k not in ("step", "epoch"):
@@ -136,10 +131,12 @@ class _MetricsWriter:
 
 
 def _progress(total: int, initial: int, desc: str):
+  """A tqdm bar on process 0; None elsewhere (tqdm.write prints even when disabled)."""
+  if not _is_main():
+    return None
   try:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    return tqdm(total=total, initial=initial, desc=desc, disable=not _is_main(),
-                dynamic_ncols=True, mininterval=2.0)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0)
   except ImportError:
     return None
 
@@ -236,19 +233,21 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   state = train.create_train_state(init_rng, model, ds.image_shape, tx)
   start_epoch = methods.reweight_start_epoch(cfg.method, cfg, t.epochs)
 
+  # Replicated before the restore, so that Orbax reads the checkpoint straight into
+  # the global arrays (on every process when there are several).
+  state = sharding.replicate(state, mesh)
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep)
   meta = {"epoch": 0, "best_val_pgd": -1.0, "best_epoch": -1}
   restored = ckpt.restore(state)
   if restored is not None:
     state, meta = restored
-    print(f"Resumed from {workdir} at step {int(state.step)} (epoch {meta['epoch']}).",
-          flush=True)
+    _log(f"Resumed from {workdir} at step {int(state.step)} (epoch {meta['epoch']}).")
   first_epoch = int(meta["epoch"])
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   _truncate_metrics(metrics_path, int(state.step))
   writer = _MetricsWriter(metrics_path)
 
-  state = sharding.replicate(state, mesh)
+  state = sharding.replicate(state, mesh)  # a no-op unless the restore changed shardings
   step = train.make_train_step(cfg, steps_per_epoch=steps_per_epoch, schedule=schedule,
                                reweight_start_epoch=start_epoch)
   k = t.steps_per_dispatch
@@ -259,10 +258,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   val_eval = evaluate.Evaluator(model, mesh=mesh, eps=cfg.attack.eps,
                                 step_size=eval_step_size(cfg), norm=cfg.attack.norm,
                                 pgd_steps=cfg.eval.pgd_steps, cw_steps=0, batch_size=eval_bs)
-  print(f"{cfg.method} | {cfg.model.name} (width {cfg.model.width}, "
-        f"{models.count_params(state.params):,} params) | {ds.name}: {ds.num_train} train / "
-        f"{ds.num_val} val / {ds.num_test} test | {mesh.devices.size} {jax.devices()[0].platform} "
-        f"device(s) | {steps_per_epoch} steps/epoch", flush=True)
+  hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
+  _log(f"{cfg.method} | {cfg.model.name} (width {cfg.model.width}, "
+       f"{models.count_params(state.params):,} params) | {ds.name}: {ds.num_train} train / "
+       f"{ds.num_val} val / {ds.num_test} test | {mesh.devices.size} {jax.devices()[0].platform} "
+       f"device(s){hosts} | {steps_per_epoch} steps/epoch")
 
   pending = _Pending()
   train_time = 0.0
@@ -336,7 +336,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   report = _final_report(cfg, workdir, ds, model, mesh, state, ckpt, meta, eval_bs, eval_rng)
   report["timings"] = {"train_s": train_time, "total_s": time.time() - t_start,
                        "steps_per_epoch": steps_per_epoch}
-  _atomic_write_json(os.path.join(workdir, "report.json"), report)
+  _write_json(os.path.join(workdir, "report.json"), report)
   return report
 
 
@@ -356,8 +356,8 @@ def _final_report(cfg, workdir, ds, model, mesh, state, ckpt, meta, eval_bs, eva
     best = (None if meta["best_epoch"] == meta["epoch"]  # the final model is the best one
             else ckpt.restore(jax.device_get(state), best=True))
   except checkpoint.CheckpointError as e:
-    print(f"WARNING: the best checkpoint could not be read ({e}); reporting the final model "
-          "only.", flush=True)
+    _log(f"WARNING: the best checkpoint could not be read ({e}); reporting the final model "
+         "only.")
     best = None
   if best is None and meta["best_epoch"] == meta["epoch"]:
     results["best"] = {"epoch": meta["best_epoch"], "val_pgd_acc": meta["best_val_pgd"],

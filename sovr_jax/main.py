@@ -3,17 +3,37 @@
 Override any config field on the command line, e.g.
 ``--config.method=trades --config.train.epochs=5``. Running the same command
 again resumes from the workdir's newest readable checkpoint.
+
+Several hosts (docs/multihost.md): run the same command on every host, with
+``--distributed=on`` on a TPU pod slice (jax finds the other hosts), or with
+``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` (or the
+environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)
+on GPU hosts. Only process 0 prints and writes the logs and the report.
 """
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sovr_jax import experiment
+from sovr_jax import experiment, sharding
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:method]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "jax.distributed.initialize: 'on' always (a TPU pod slice: the hosts are "
+                  "detected), 'off' never, 'auto' when a coordinator address, a process id or "
+                  "several processes are given (flags or JAX_* environment) or SLURM / Open MPI "
+                  "launched several tasks.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, reachable from every process (default: "
+                    "$JAX_COORDINATOR_ADDRESS or detected).")
+flags.DEFINE_integer("num_processes", None,
+                     "Number of processes (default: $JAX_NUM_PROCESSES or detected).")
+flags.DEFINE_integer("process_id", None,
+                     "This process's id in [0, num_processes) (default: $JAX_PROCESS_ID or "
+                     "detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -21,7 +41,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id, mode=FLAGS.distributed)
   report = experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() != 0:  # process 0 reports
+    return
   for name, r in report["test"].items():
     acc = ", ".join(f"{k}={r[k]:.4f}" for k in ("clean_acc", "pgd_acc", "cw_acc") if k in r)
     print(f"test ({name} model, epoch {r['epoch']}, n={r['n']}): {acc}")
