@@ -26,98 +26,98 @@ PAD0 = ((0, 0), (0, 0))
 
 
 def scaled(base: int, width: float) -> int:
-    """Channel count ``base`` scaled by the width multiplier: ``max(1, int(round(base * width)))``."""
-    return max(1, int(round(base * width)))
+  """Channel count ``base`` scaled by the width multiplier: ``max(1, int(round(base * width)))``."""
+  return max(1, int(round(base * width)))
 
 
 def _stats_vector(values: Sequence[float], channels: int, what: str) -> jax.Array:
-    values = tuple(float(v) for v in values)
-    if len(values) not in (1, channels):
-        raise ValueError(
-            f"{what} has {len(values)} entries; expected 1 (broadcast) or {channels} "
-            f"(one per input channel)"
-        )
-    return jnp.asarray(values, dtype=jnp.float32)
+  values = tuple(float(v) for v in values)
+  if len(values) not in (1, channels):
+    raise ValueError(
+      f"{what} has {len(values)} entries; expected 1 (broadcast) or {channels} "
+      f"(one per input channel)"
+    )
+  return jnp.asarray(values, dtype=jnp.float32)
 
 
 def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float], dtype: Dtype) -> jax.Array:
-    """Check an NHWC image batch and return ``((x - mean) / std)`` computed in float32, cast to ``dtype``.
+  """Check an NHWC image batch and return ``((x - mean) / std)`` computed in float32, cast to ``dtype``.
 
-    ``mean`` and ``std`` have either one entry (broadcast over channels) or one per channel.
-    """
-    chex.assert_rank(x, 4)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(
-            f"model input must be a floating-point image in [0, 1] (NHWC); got dtype {x.dtype}"
-        )
-    channels = x.shape[-1]
-    m = _stats_vector(mean, channels, "mean")
-    s = _stats_vector(std, channels, "std")
-    return ((x.astype(jnp.float32) - m) / s).astype(dtype)
+  ``mean`` and ``std`` have either one entry (broadcast over channels) or one per channel.
+  """
+  chex.assert_rank(x, 4)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+      f"model input must be a floating-point image in [0, 1] (NHWC); got dtype {x.dtype}"
+    )
+  channels = x.shape[-1]
+  m = _stats_vector(mean, channels, "mean")
+  s = _stats_vector(std, channels, "std")
+  return ((x.astype(jnp.float32) - m) / s).astype(dtype)
 
 
 def check_logits(logits: jax.Array, batch: int, num_classes: int) -> jax.Array:
-    """Assert the logits shape ``[batch, num_classes]`` and return them as float32."""
-    chex.assert_shape(logits, (batch, num_classes))
-    return logits.astype(jnp.float32)
+  """Assert the logits shape ``[batch, num_classes]`` and return them as float32."""
+  chex.assert_shape(logits, (batch, num_classes))
+  return logits.astype(jnp.float32)
 
 
 def conv(
-    features: int,
-    kernel: int,
-    stride: int,
-    padding: int,
-    *,
-    dtype: Dtype,
-    use_bias: bool = False,
-    name: str | None = None,
+  features: int,
+  kernel: int,
+  stride: int,
+  padding: int,
+  *,
+  dtype: Dtype,
+  use_bias: bool = False,
+  name: str | None = None,
 ) -> nn.Conv:
-    """A ``kernel x kernel`` convolution with explicit symmetric integer padding (PyTorch semantics)."""
-    return nn.Conv(
-        features=features,
-        kernel_size=(kernel, kernel),
-        strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=PARAM_DTYPE,
-        name=name,
-    )
+  """A ``kernel x kernel`` convolution with explicit symmetric integer padding (PyTorch semantics)."""
+  return nn.Conv(
+    features=features,
+    kernel_size=(kernel, kernel),
+    strides=(stride, stride),
+    padding=((padding, padding), (padding, padding)),
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=PARAM_DTYPE,
+    name=name,
+  )
 
 
 def batch_norm(train: bool, *, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
-    """BatchNorm matching PyTorch's defaults (momentum 0.1 in PyTorch = 0.9 here, eps 1e-5).
+  """BatchNorm matching PyTorch's defaults (momentum 0.1 in PyTorch = 0.9 here, eps 1e-5).
 
-    Statistics are reduced in float32 with the two-pass variance (``use_fast_variance=False``),
-    like PyTorch. Note: Flax keeps the *biased* batch variance in ``batch_stats['var']`` whereas
-    PyTorch's running_var uses the unbiased one, so running variances differ by a factor
-    n / (n - 1) (n = N * H * W) after training-mode updates.
-    """
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=PARAM_DTYPE,
-        use_fast_variance=False,
-        name=name,
-    )
+  Statistics are reduced in float32 with the two-pass variance (``use_fast_variance=False``),
+  like PyTorch. Note: Flax keeps the *biased* batch variance in ``batch_stats['var']`` whereas
+  PyTorch's running_var uses the unbiased one, so running variances differ by a factor
+  n / (n - 1) (n = N * H * W) after training-mode updates.
+  """
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=PARAM_DTYPE,
+    use_fast_variance=False,
+    name=name,
+  )
 
 
 def dense(features: int, *, dtype: Dtype, name: str | None = None) -> nn.Dense:
-    """A fully connected layer with bias (float32 params, ``dtype`` compute)."""
-    return nn.Dense(features=features, dtype=dtype, param_dtype=PARAM_DTYPE, name=name)
+  """A fully connected layer with bias (float32 params, ``dtype`` compute)."""
+  return nn.Dense(features=features, dtype=dtype, param_dtype=PARAM_DTYPE, name=name)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """Mean over the spatial axes of an NHWC tensor (= ``F.avg_pool2d(out, 4)`` at 32x32 inputs)."""
-    return jnp.mean(x, axis=(1, 2))
+  """Mean over the spatial axes of an NHWC tensor (= ``F.avg_pool2d(out, 4)`` at 32x32 inputs)."""
+  return jnp.mean(x, axis=(1, 2))
 
 
 def count_params(params: Any) -> int:
-    """Total number of scalars in a parameter pytree.
+  """Total number of scalars in a parameter pytree.
 
-    Pass the ``params`` collection (``variables['params']``), not the whole variables dict, so
-    that BatchNorm running statistics (``batch_stats``) are not counted.
-    """
-    return int(sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(params)))
+  Pass the ``params`` collection (``variables['params']``), not the whole variables dict, so
+  that BatchNorm running statistics (``batch_stats``) are not counted.
+  """
+  return int(sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(params)))

@@ -18,62 +18,62 @@ from .common import Dtype, batch_norm, check_logits, conv, dense, global_avg_poo
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block (PyTorch reference ``PreActBlock``, expansion 1).
+  """Pre-activation basic block (PyTorch reference ``PreActBlock``, expansion 1).
 
-    out = relu(bn1(x)); shortcut = conv1x1(out) if the shape changes else x;
-    out = conv2(relu(bn2(conv1(out)))) + shortcut.
-    """
+  out = relu(bn1(x)); shortcut = conv1x1(out) if the shape changes else x;
+  out = conv2(relu(bn2(conv1(out)))) + shortcut.
+  """
 
-    features: int
-    stride: int = 1
-    dtype: Dtype = jnp.float32
+  features: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
-        if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = conv(self.features, 1, self.stride, 0, dtype=self.dtype, name="shortcut")(out)
-        else:
-            shortcut = x
-        out = conv(self.features, 3, self.stride, 1, dtype=self.dtype, name="conv1")(out)
-        out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(out))
-        out = conv(self.features, 3, 1, 1, dtype=self.dtype, name="conv2")(out)
-        return out + shortcut
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
+    if self.stride != 1 or x.shape[-1] != self.features:
+      shortcut = conv(self.features, 1, self.stride, 0, dtype=self.dtype, name="shortcut")(out)
+    else:
+      shortcut = x
+    out = conv(self.features, 3, self.stride, 1, dtype=self.dtype, name="conv1")(out)
+    out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(out))
+    out = conv(self.features, 3, 1, 1, dtype=self.dtype, name="conv2")(out)
+    return out + shortcut
 
 
 class PreActResNet18(nn.Module):
-    """PreActResNet-18 for 32x32 inputs (Rice et al. 2020 / Wong et al. 2020 variant).
+  """PreActResNet-18 for 32x32 inputs (Rice et al. 2020 / Wong et al. 2020 variant).
 
-    conv1 3x3/64 -> 4 stages x 2 PreActBlocks (64, 128, 256, 512; strides 1, 2, 2, 2)
-    -> BN -> ReLU -> global average pool -> linear.
+  conv1 3x3/64 -> 4 stages x 2 PreActBlocks (64, 128, 256, 512; strides 1, 2, 2, 2)
+  -> BN -> ReLU -> global average pool -> linear.
 
-    Attributes:
-      num_classes: number of output logits.
-      width: channel multiplier (channels = max(1, round(base * width))).
-      dtype: compute dtype; parameters stay float32.
-      mean, std: per-channel (or broadcast) normalisation applied to [0, 1] inputs.
-    """
+  Attributes:
+    num_classes: number of output logits.
+    width: channel multiplier (channels = max(1, round(base * width))).
+    dtype: compute dtype; parameters stay float32.
+    mean, std: per-channel (or broadcast) normalisation applied to [0, 1] inputs.
+  """
 
-    num_classes: int = 10
-    width: float = 1.0
-    dtype: Dtype = jnp.float32
-    mean: Sequence[float] = (0.0,)
-    std: Sequence[float] = (1.0,)
+  num_classes: int = 10
+  width: float = 1.0
+  dtype: Dtype = jnp.float32
+  mean: Sequence[float] = (0.0,)
+  std: Sequence[float] = (1.0,)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        batch = x.shape[0]
-        out = normalize(x, self.mean, self.std, self.dtype)
-        out = conv(scaled(64, self.width), 3, 1, 1, dtype=self.dtype, name="conv1")(out)
-        for stage, (base, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
-            for i in range(2):
-                out = PreActBlock(
-                    features=scaled(base, self.width),
-                    stride=stride if i == 0 else 1,
-                    dtype=self.dtype,
-                    name=f"layer{stage}_{i}",
-                )(out, train)
-        out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn")(out))
-        out = global_avg_pool(out)
-        logits = dense(self.num_classes, dtype=self.dtype, name="linear")(out)
-        return check_logits(logits, batch, self.num_classes)
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    batch = x.shape[0]
+    out = normalize(x, self.mean, self.std, self.dtype)
+    out = conv(scaled(64, self.width), 3, 1, 1, dtype=self.dtype, name="conv1")(out)
+    for stage, (base, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+      for i in range(2):
+        out = PreActBlock(
+          features=scaled(base, self.width),
+          stride=stride if i == 0 else 1,
+          dtype=self.dtype,
+          name=f"layer{stage}_{i}",
+        )(out, train)
+    out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn")(out))
+    out = global_avg_pool(out)
+    logits = dense(self.num_classes, dtype=self.dtype, name="linear")(out)
+    return check_logits(logits, batch, self.num_classes)
