@@ -38,50 +38,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sovr_jax import export, models, torch_models  # noqa: E402
+from sovr_jax.testing import random_variables  # noqa: E402
 
 ARCHITECTURES = ("preact_resnet18", "resnet18", "wrn34_10", "wrn28_10", "small_cnn")
 NUM_CLASSES = 10
 LOGIT_RTOL, GRAD_RTOL = 1e-4, 1e-3
 #: float64 agreement required of both logits and gradients (the conversion itself).
 F64_RTOL = 1e-6
-
-
-def random_variables(model, x, seed):
-  """Random params in init's structure (NumPy-filled; compiling the initialisers is slow on CPU),
-  batch_stats from three train-mode forwards, perturbed per channel."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    keys = [getattr(p, "key", str(p)) for p in path]
-    if keys[-1] == "kernel":
-      value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    elif keys[0] == "batch_stats":
-      value = np.zeros(leaf.shape) if keys[-1] == "mean" else np.ones(leaf.shape)
-    elif keys[-1] == "scale":
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:
-      value = rng.normal(0, 0.1, leaf.shape)
-    return jnp.asarray(value, jnp.float32)
-
-  v = jax.tree_util.tree_map_with_path(
-      fill, jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x))
-  params, stats = v["params"], v.get("batch_stats", {})
-
-  @jax.jit
-  def update(stats, xb):
-    _, upd = model.apply({"params": params, "batch_stats": stats}, xb, train=True,
-                         mutable=["batch_stats"])
-    return upd.get("batch_stats", stats)
-
-  for i in range(3):
-    stats = update(stats, jax.random.uniform(jax.random.PRNGKey(100 + i), x.shape))
-
-  def perturb(path, s):
-    if "mean" in str(path[-1]):
-      return s + jnp.asarray(rng.normal(0, 0.05, s.shape), jnp.float32)
-    return s * jnp.asarray(rng.uniform(0.8, 1.25, s.shape), jnp.float32)
-
-  return {"params": params, "batch_stats": jax.tree_util.tree_map_with_path(perturb, stats)}
 
 
 def _rel(a, b):

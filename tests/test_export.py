@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sovr_jax import export, models, torch_models
+from sovr_jax.testing import random_variables
 from sovr_jax.models import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,45 +52,8 @@ def make_variables(name, width, *, seed=0, batch=4):
   mean = tuple(np.linspace(0.4, 0.5, c).tolist())
   std = tuple(np.linspace(0.2, 0.3, c).tolist())
   model = models.get_model(name, num_classes=NUM_CLASSES, width=width, mean=mean, std=std)
-  k = jax.random.split(jax.random.PRNGKey(seed), 3)
-  x = jax.random.uniform(k[0], (batch, h, w, c))
-  # Filled from NumPy in init's structure: compiling dozens of truncated-normal initialisers
-  # costs ~10 s per ResNet on CPU (see tests/test_models.py fast_init).
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    keys = [getattr(p, "key", str(p)) for p in path]
-    if keys[-1] == "kernel":
-      value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    elif keys[0] == "batch_stats":
-      value = np.zeros(leaf.shape) if keys[-1] == "mean" else np.ones(leaf.shape)
-    elif keys[-1] == "scale":
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:  # biases
-      value = rng.normal(0, 0.1, leaf.shape)
-    return jnp.asarray(value, jnp.float32)
-
-  v = jax.tree_util.tree_map_with_path(
-      fill, jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x))
-  params = v["params"]
-  stats = v.get("batch_stats", {})
-
-  @jax.jit
-  def update_stats(stats, xb):
-    _, upd = model.apply({"params": params, "batch_stats": stats}, xb, train=True,
-                         mutable=["batch_stats"])
-    return upd.get("batch_stats", stats)
-
-  for i in range(3):
-    stats = update_stats(stats, jax.random.uniform(jax.random.fold_in(k[2], i), x.shape))
-
-  def perturb(path, s):
-    if "mean" in str(path[-1]):
-      return s + jnp.asarray(rng.normal(0, 0.05, s.shape), jnp.float32)
-    return s * jnp.asarray(rng.uniform(0.8, 1.25, s.shape), jnp.float32)
-
-  stats = jax.tree_util.tree_map_with_path(perturb, stats)
-  return model, {"params": params, "batch_stats": stats}, x, mean, std
+  x = jax.random.uniform(jax.random.PRNGKey(seed), (batch, h, w, c))
+  return model, random_variables(model, x, seed), x, mean, std
 
 
 def torch_twin(name, width, variables, mean, std):
