@@ -230,7 +230,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   tx = train.make_optimizer(cfg, schedule)
   root = jax.random.PRNGKey(cfg.seed)
   init_rng, step_rng, eval_rng = jax.random.split(root, 3)
-  state = train.create_train_state(init_rng, model, ds.image_shape, tx)
+  try:
+    state = train.create_train_state(init_rng, model, ds.image_shape, tx)
+  except (ZeroDivisionError, ValueError, TypeError) as e:
+    raise ValueError(
+        f"model.name={cfg.model.name!r} cannot take {ds.name} images of shape "
+        f"{ds.image_shape} ({type(e).__name__}: {e}). SmallCNN needs at least 16x16 inputs; "
+        f"pick another model.name or data set.") from e
   start_epoch = methods.reweight_start_epoch(cfg.method, cfg, t.epochs)
 
   # Replicated before the restore, so that Orbax reads the checkpoint straight into

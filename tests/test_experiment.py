@@ -166,6 +166,12 @@ def test_cli_rejects_unknown_override(tmp_path):
   assert "lr_boundary" in proc.stderr
 
 
+def test_model_that_cannot_take_the_images_is_a_clear_error(tmp_path):
+  cfg = _cfg(data__name="digits")  # 8x8 images through SmallCNN's two valid-conv + pool stages
+  with pytest.raises(ValueError, match="cannot take digits images"):
+    experiment.train_and_evaluate(cfg, str(tmp_path))
+
+
 def test_missing_dataset_error_says_how_to_fix(tmp_path):
   cfg = _cfg(data__source="image_folder", data__name="cifar10",
              data__path=str(tmp_path / "nowhere"))
