@@ -33,40 +33,17 @@ jax.config.update("jax_enable_x64", True)  # for the float64 comparison; float32
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from sovr_jax import export, models, torch_models  # noqa: E402
-from sovr_jax.testing import random_variables  # noqa: E402
+from sovr_jax.testing import (jax_logits_and_grad, random_variables, rel_err,  # noqa: E402
+                              torch_logits_and_grad)
 
 ARCHITECTURES = ("preact_resnet18", "resnet18", "wrn34_10", "wrn28_10", "small_cnn")
 NUM_CLASSES = 10
 LOGIT_RTOL, GRAD_RTOL = 1e-4, 1e-3
 #: float64 agreement required of both logits and gradients (the conversion itself).
 F64_RTOL = 1e-6
-
-
-def _rel(a, b):
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _jax_logits_and_grad(model, variables, x, labels):
-  @jax.jit
-  def f(v, x):
-    def loss(x):
-      logits = model.apply(v, x, train=False)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-    (_, logits), g = jax.value_and_grad(loss, has_aux=True)(x)
-    return logits, g
-  return jax.device_get(f(variables, x))
-
-
-def _torch_logits_and_grad(tm, x, labels):
-  xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).requires_grad_(True)
-  logits = tm(xt)
-  F.cross_entropy(logits, torch.from_numpy(np.array(labels)).long()).backward()
-  return logits.detach().numpy(), xt.grad.permute(0, 2, 3, 1).numpy()
 
 
 def check(name, batch, seed=0):
@@ -79,37 +56,37 @@ def check(name, batch, seed=0):
   x = jax.random.uniform(jax.random.PRNGKey(seed), (batch, h, w, c), jnp.float32)
   labels = jnp.arange(batch, dtype=jnp.int32) % NUM_CLASSES
   variables = random_variables(model, x, seed)
-  jl32, jg32 = _jax_logits_and_grad(model, variables, x, labels)
+  jl32, jg32 = jax_logits_and_grad(model, variables, x, labels)
 
   sd = export.to_state_dict(name, variables["params"], variables["batch_stats"], mean=mean,
                             std=std)
   tm = torch_models.build_torch_model(name, num_classes=NUM_CLASSES, width=1.0, mean=mean,
                                       std=std, input_shape=(c, h, w))
   torch_models.load_weights(tm, sd).eval()
-  tl32, tg32 = _torch_logits_and_grad(tm, x, labels)
+  tl32, tg32 = torch_logits_and_grad(tm, x, labels)
 
   # float64 on both sides (the Flax model still normalises the input in float32 by design).
   model64 = models.get_model(name, num_classes=NUM_CLASSES, width=1.0, mean=mean, std=std,
                              dtype=jnp.float64)
   v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
   x64 = jnp.asarray(x, jnp.float64)
-  jl64, jg64 = _jax_logits_and_grad(model64, v64, x64, labels)
-  tl64, tg64 = _torch_logits_and_grad(tm.double(), x64, labels)
+  jl64, jg64 = jax_logits_and_grad(model64, v64, x64, labels)
+  tl64, tg64 = torch_logits_and_grad(tm.double(), x64, labels)
 
   res = {
       "architecture": name,
       "params": models.count_params(variables["params"]),
       "torch_params": int(sum(p.numel() for p in tm.parameters())),
       "batch": batch,
-      "f32_logit_rel_err": _rel(tl32, jl32),
-      "f32_grad_rel_err": _rel(tg32, jg32),
+      "f32_logit_rel_err": rel_err(tl32, jl32),
+      "f32_grad_rel_err": rel_err(tg32, jg32),
       "f32_grad_rel_l2": float(np.linalg.norm(tg32 - jg32) / np.linalg.norm(jg32)),
       "f32_labels_agree": bool((tl32.argmax(1) == jl32.argmax(1)).all()),
-      "f64_logit_rel_err": _rel(tl64, jl64),
-      "f64_grad_rel_err": _rel(tg64, jg64),
+      "f64_logit_rel_err": rel_err(tl64, jl64),
+      "f64_grad_rel_err": rel_err(tg64, jg64),
       # Each float32 gradient against the float64 JAX one: who carries the float32 error.
-      "jax_f32_grad_vs_f64": _rel(jg32, jg64),
-      "torch_f32_grad_vs_f64": _rel(tg32, jg64),
+      "jax_f32_grad_vs_f64": rel_err(jg32, jg64),
+      "torch_f32_grad_vs_f64": rel_err(tg32, jg64),
       "max_abs_logit": float(np.abs(jl32).max()),
       "total_s": time.time() - t0,
   }

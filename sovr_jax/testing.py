@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def random_variables(model, x, seed):
@@ -41,3 +42,30 @@ def random_variables(model, x, seed):
     return s * jnp.asarray(rng.uniform(0.8, 1.25, s.shape), jnp.float32)
 
   return {"params": params, "batch_stats": jax.tree_util.tree_map_with_path(perturb, stats)}
+
+
+def rel_err(a, b) -> float:
+  """max |a - b| / max |b|."""
+  return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def jax_logits_and_grad(model, variables, x, labels):
+  """Eval-mode logits and the input gradient of the mean CE loss (NHWC)."""
+  @jax.jit
+  def f(v, x):
+    def loss(x):
+      logits = model.apply(v, x, train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+    (_, logits), g = jax.value_and_grad(loss, has_aux=True)(x)
+    return logits, g
+  return jax.device_get(f(variables, x))
+
+
+def torch_logits_and_grad(torch_model, x, labels):
+  """The same for a PyTorch twin (NCHW inside, NHWC in and out)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).requires_grad_(True)
+  logits = torch_model(xt)
+  F.cross_entropy(logits, torch.from_numpy(np.array(labels)).long()).backward()
+  return logits.detach().numpy(), xt.grad.permute(0, 2, 3, 1).numpy()

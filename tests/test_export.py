@@ -15,13 +15,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sovr_jax import export, models, torch_models
-from sovr_jax.testing import random_variables
+from sovr_jax.testing import (jax_logits_and_grad, random_variables, rel_err,
+                              torch_logits_and_grad)
 from sovr_jax.models import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,31 +64,14 @@ def torch_twin(name, width, variables, mean, std):
   return torch_models.load_weights(tm, sd).eval(), sd
 
 
-def rel_err(a, b) -> float:
-  return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
-
-
 @pytest.mark.parametrize("name,width", CASES)
 def test_logits_and_input_gradients_agree(name, width):
   model, variables, x, mean, std = make_variables(name, width)
   labels = jnp.arange(x.shape[0]) % NUM_CLASSES
-
-  @jax.jit
-  def logits_and_grad(v, x):
-    def loss(x):
-      logits = model.apply(v, x, train=False)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-    (_, logits), g = jax.value_and_grad(loss, has_aux=True)(x)
-    return logits, g
-
   with jax.default_matmul_precision("float32"):  # no TF32 where JAX runs on a GPU
-    jax_logits, jax_grad = logits_and_grad(variables, x)
+    jax_logits, jax_grad = jax_logits_and_grad(model, variables, x, labels)
   tm, sd = torch_twin(name, width, variables, mean, std)
-  xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).requires_grad_(True)
-  logits = tm(xt)
-  F.cross_entropy(logits, torch.from_numpy(np.array(labels)).long()).backward()
-  torch_logits = logits.detach().numpy()
-  torch_grad = xt.grad.permute(0, 2, 3, 1).numpy()
+  torch_logits, torch_grad = torch_logits_and_grad(tm, x, labels)
 
   assert rel_err(torch_logits, jax_logits) < 1e-4
   assert rel_err(torch_grad, jax_grad) < 1e-3
