@@ -29,7 +29,10 @@ original relative order. ``num_train`` / ``num_test`` then keep a subset for
 quick runs: a random (not leading) subset -- train from the same ``seed``
 permutation, test from a fixed seed-independent permutation -- because image
 folders are ordered by class, so a leading slice would hold only the first
-classes. Subsets are returned in their original relative order.
+classes. Subsets are returned in their original relative order. An image
+folder's test split itself is put in a fixed seed-independent shuffled order
+(not class by class), so its first n points, which AutoAttack evaluates, are a
+uniform sample too.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ DIGITS_NUM_TRAIN = 1500
 # (``num_test``) do not depend on ``seed``.
 _FIXED_SPLIT_SEED = 0
 _TEST_SUBSET_SEED = 0
+_TEST_ORDER_SEED = 0
 
 _CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "sovr_jax")
@@ -215,6 +219,10 @@ def load_dataset(name: str, *, source: str, data_dir: str | None = None,
     (x_tr, y_tr, x_te, y_te), class_names = _load_image_folder(path, cache_dir)
     num_classes = len(class_names)
     _check_known_folder(name, class_names, x_tr.shape[-1], path)
+    # Folders are ordered by class: a fixed shuffle makes every leading slice
+    # of the test split (AutoAttack's first --n points) hold all classes.
+    order = np.random.default_rng(_TEST_ORDER_SEED).permutation(x_te.shape[0])
+    x_te, y_te = x_te[order], y_te[order]
 
   if name in _KNOWN:
     mean, std = _KNOWN[name]["mean"], _KNOWN[name]["std"]
