@@ -297,6 +297,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--skip_reference", action="store_true", help="run the JAX side only")
   p.add_argument("--skip_jax", action="store_true", help="run the reference only")
   p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+  p.add_argument("--matmul_precision", default="default", choices=("default", "highest"),
+                 help="default: each library's own GPU default (PyTorch runs convolutions in "
+                      "TF32); highest: full float32 in both")
   p.add_argument("--out", default=None, help="JSON output")
   return p
 
@@ -306,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if args.threads:
     torch.set_num_threads(args.threads)
   device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+  if args.matmul_precision == "highest":
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    jax.config.update("jax_default_matmul_precision", "highest")
   attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
   settings = dict(FAST if args.fast else STANDARD)
   if args.n_iter is not None:
@@ -391,7 +398,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "platform": {"jax_backend": jax.default_backend(),
                          "jax_devices": [str(d) for d in jax.devices()],
                          "torch_device": device, "python": platform.python_version(),
-                         "jax": jax.__version__, "torch": torch.__version__},
+                         "jax": jax.__version__, "torch": torch.__version__,
+                         "matmul_precision": args.matmul_precision,
+                         "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                         "jax_default_matmul_precision":
+                             jax.config.jax_default_matmul_precision},
             "command": " ".join(sys.argv)}
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -7,6 +7,7 @@
   report.json       test-set clean / PGD-20 / CW-20 of the best and final
                     models, the config, seed, versions and timings
   margins.png       adversarial logit-margin histogram of training examples
+  margins.json      those margins, one per example, and SOVR's small-margin flags
 Running the same command again resumes from the newest readable checkpoint.
 """
 
@@ -385,6 +386,9 @@ def _final_report(cfg, workdir, ds, model, mesh, state, ckpt, meta, eval_bs, eva
   margins = margin_eval(final_vars, ds.train_images[:n], ds.train_labels[:n],
                         seed=seed)["pgd_margins"]
   small = margin_groups(margins, cfg.train.batch_size, cfg.sovr.ovr_fraction)
+  _write_json(os.path.join(workdir, "margins.json"),
+             {"margins": np.round(margins, 4).tolist(), "small_margin": small.tolist(),
+              "n": n, "attack": f"PGD-{cfg.attack.num_steps}"})
   hist = plot_margins(os.path.join(workdir, "margins.png"), margins, small,
                       f"{cfg.method}, {ds.name}, {n} training examples, PGD-"
                       f"{cfg.attack.num_steps} eps={cfg.attack.eps:.4g}")
