@@ -8,7 +8,8 @@
 # Carry: _carry/pylib (ml_collections, mlxtend, pyautoattack without examples/), _carry/fallback
 # (absl, yaml where missing), _carry/data/cifar10-jpeg.tar.gz (a copy of ../shared/data's).
 #   RUNS=pgd_at,sovr SWEEP= DEADLINE=560 bash scripts/gpu_study.sh          # on the device
-#   OUT=/tmp/o SCALE=tiny N=16 ATTACKS=apgd-ce bash scripts/gpu_study.sh    # CPU smoke test
+#   OUT=/tmp/o SCALE=tiny N=16 ATTACKS=apgd-ce DATA=../shared/data/cifar10-jpeg.tar.gz \
+#     bash scripts/gpu_study.sh                                  # CPU smoke test (tests/test_study.py)
 set -uo pipefail
 OUT=${OUT:?set OUT}
 SCALE=${SCALE:-gpu}
@@ -39,14 +40,9 @@ python -c "import jax, flax, torch; print(jax.__version__, flax.__version__, tor
 
 STUDY=(python -m scripts.study --scale "$SCALE" --workdir "$WORK" --out "$OUT/study_$SCALE.json"
        --runs "$RUNS" --sweep "$SWEEP" --data "$DATA" --reference "$REFERENCE" --n "$N"
-       --attacks "$ATTACKS" --aa_batch_size "$N")
+       --attacks "$ATTACKS" --aa_batch_size "$N" --cache_dir "${CACHE_DIR:-}")
 save_logs() { tar czf "$OUT/logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log */report.json \
   */compare.json */autoattack_jax.json 2>/dev/null) 2>/dev/null || true; }
-
-echo "=== decode the data once ($(date +%T), $(left) s left)"
-timeout "$(left)" python -c "from sovr_jax import data; import sys; \
-ds = data.load_dataset('cifar10', source='image_folder', path=sys.argv[1]); \
-print(ds.num_train, ds.num_val, ds.num_test)" "$DATA"
 
 echo "=== train ($(date +%T), $(left) s left)"
 # Training may take what is left minus the time AutoAttack needs (ATTACK_S).

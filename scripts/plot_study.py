@@ -32,46 +32,57 @@ def label(name: str, run: dict[str, Any]) -> str:
 def autoattack_acc(run: dict[str, Any]) -> tuple[float | None, str]:
   """(robust accuracy, engine) preferring the reference; (None, '') if not attacked."""
   aa = run.get("autoattack") or {}
-  for engine in ("reference", "jax"):
+  for engine in ("reference", "jax", "jax_apgd"):
     s = aa.get(engine)
-    if s and s.get("robust_acc") is not None and _complete(s):
+    if s and s.get("robust_acc") is not None:
       return float(s["robust_acc"]), engine
   return None, ""
 
 
-def _complete(summary: dict[str, Any]) -> bool:
-  """True when the run used all four standard attacks."""
-  return len(summary.get("robust_acc_after", {})) >= 4
+#: AutoAttack results a run can hold: (key in run["autoattack"], column title).
+AA_COLUMNS = (("jax_apgd", "APGD-CE + APGD-T (JAX)"), ("jax", "AutoAttack (JAX)"),
+              ("reference", "AutoAttack (reference)"))
+
+
+def _pct(v):
+  return "-" if v is None else f"{100 * v:.2f}"
+
+
+def aa_cell(s: dict[str, Any] | None) -> str:
+  """'33.40 (n=1000)', or the accuracy after the last attack run when incomplete."""
+  if not s:
+    return "-"
+  after = s.get("robust_acc_after") or {}
+  if s.get("robust_acc") is not None:
+    return f"{_pct(s['robust_acc'])} (n={s.get('n')})"
+  if after:
+    last = list(after)[-1]
+    return f"{_pct(after[last])} after {last} (n={s.get('n')})"
+  return "-"
 
 
 def table(study: dict[str, Any]) -> str:
   """Markdown: clean / PGD-20 / CW-20 (upper bounds) / AutoAttack of the best checkpoint."""
-  head = ("| run | best epoch | clean | PGD-20 (upper bound) | CW-20 (upper bound) | AutoAttack "
-          "(reference) | AutoAttack (JAX) | margin mean (small-margin / other) | train time |")
-  rows = [head, "|" + "---|" * 9]
+  cols = [c for c in AA_COLUMNS
+          if any((r.get("autoattack") or {}).get(c[0]) for r in study["runs"].values())]
+  head = ("| run | best epoch | clean | PGD-20 (upper bound) | CW-20 (upper bound) | "
+          + "".join(f"{title} | " for _, title in cols)
+          + "margin mean (small-margin / other) | train time |")
+  rows = [head, "|" + "---|" * (7 + len(cols))]
   for name, run in study["runs"].items():
     t = (run.get("test") or {}).get("best")
     if not t:
-      rows.append(f"| {label(name, run)} | not trained: {_status(run)} |" + " |" * 7)
+      rows.append(f"| {label(name, run)} | not trained: {_status(run)} |" + " |" * (5 + len(cols)))
       continue
     aa = run.get("autoattack") or {}
-    ref, jx = aa.get("reference"), aa.get("jax")
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-
-    def aa_cell(s):
-      if not s:
-        return "-"
-      cell = f"{pct(s.get('robust_acc'))} (n={s.get('n')})"
-      return cell if _complete(s) else cell + " partial"
-
     m = run.get("margins_summary") or {}
     margins = (f"{m['mean']:.2f} ({m['mean_small_margin']:.2f} / {m['mean_other']:.2f})"
                if m.get("mean_other") is not None else "-")
     train_s = (run.get("timings") or {}).get("train_s")
-    rows.append(f"| {label(name, run)} | {t['epoch']} | {pct(t['clean_acc'])} | "
-                f"{pct(t['pgd_acc'])} | {pct(t.get('cw_acc'))} | {aa_cell(ref)} | "
-                f"{aa_cell(jx)} | {margins} | "
-                f"{'-' if train_s is None else f'{train_s:.0f} s'} |")
+    rows.append(f"| {label(name, run)} | {t['epoch']} | {_pct(t['clean_acc'])} | "
+                f"{_pct(t['pgd_acc'])} | {_pct(t.get('cw_acc'))} | "
+                + "".join(f"{aa_cell(aa.get(key))} | " for key, _ in cols)
+                + f"{margins} | {'-' if train_s is None else f'{train_s:.0f} s'} |")
   return "\n".join(rows)
 
 

@@ -81,6 +81,12 @@ def train_stage(specs, args) -> dict[str, dict[str, Any]]:
   """Trains the runs without a report.json, ``--parallel`` at a time."""
   todo = {n: s for n, s in specs.items()
           if not os.path.exists(os.path.join(args.workdir, n, "report.json"))}
+  if todo:  # decode (and cache) the images once, not once per parallel run
+    from configs import study as study_config  # pylint: disable=import-outside-toplevel
+    from sovr_jax import data  # pylint: disable=import-outside-toplevel
+    d = study_config.get_config(f"sovr,{args.scale}").data
+    data.load_dataset(d.name, source=d.source, path=args.data or d.path,
+                      cache_dir=args.cache_dir or d.cache_dir, val_size=d.val_size)
 
   def one(name):
     method, extra = specs[name]
@@ -89,6 +95,8 @@ def train_stage(specs, args) -> dict[str, dict[str, Any]]:
            f"--workdir={os.path.join(args.workdir, name)}", *extra]
     if args.data:
       cmd.append(f"--config.data.path={args.data}")
+    if args.cache_dir:
+      cmd.append(f"--config.data.cache_dir={args.cache_dir}")
     print(f"[study] train {name}: {' '.join(cmd[2:])}", flush=True)
     r = _run(cmd, os.path.join(args.workdir, f"{name}.log"), args.train_timeout)
     print(f"[study] train {name}: {'done' if r['ok'] else r['error']} in {r['seconds']:.0f} s",
@@ -217,6 +225,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--sweep", default="", help="extra SOVR ovr_fraction values, e.g. 0.2,0.6,0.8")
   p.add_argument("--data", default="", help="CIFAR-10 JPEG folder or tarball "
                  "(default: the config's ../shared/data/cifar10-jpeg.tar.gz)")
+  p.add_argument("--cache_dir", default="", help="decoded-image cache (default: the config's)")
   p.add_argument("--parallel", type=int, default=1, help="training runs at a time")
   p.add_argument("--stages", default="train,attack,collect")
   p.add_argument("--reference", default="sovr",
@@ -241,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args.workdir = os.path.abspath(args.workdir)
   if args.data:
     args.data = os.path.abspath(args.data)
+  if args.cache_dir:
+    args.cache_dir = os.path.abspath(args.cache_dir)
   os.makedirs(args.workdir, exist_ok=True)
   status: dict[str, Any] = {}
   if "train" in stages:
