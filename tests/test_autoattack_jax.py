@@ -25,6 +25,7 @@ from pyautoattack.square import SquareAttack
 
 from scripts import compare_autoattack as cmp
 from sovr_jax.attacks import autoattack as aa
+from sovr_jax.attacks.autoattack import ensemble as ensemble_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)  # shared cores
@@ -385,3 +386,23 @@ def test_sharded_over_two_devices_gives_the_same_result():
   out = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=600, check=False)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_flag_checks_tell_rounding_from_real_disagreement():
+  """A point flagged broken whose re-evaluated margin is at rounding level is borderline; one
+  re-evaluated as clearly correct fails the check."""
+  y = np.array([0, 0, 0, 0])
+  logits = np.array([[5.0, 1.0],      # robust, correct: agrees
+                     [1.0, 3.0],      # broken, misclassified: agrees
+                     [4.0, 3.9999],   # broken, but re-evaluated correct by 1e-4: borderline
+                     [0.0, 0.0]], np.float32)  # robust, tie at 0 (argmax picks class 0)
+  robust = np.array([True, False, False, True])
+  broken = ~robust
+  checks = ensemble_lib.flag_checks(robust, broken, logits, y)
+  assert checks["broken_misclassified"] and checks["flags_disagree"] == 0
+  assert checks["flags_disagree_borderline"] == 1
+  assert checks["max_abs_margin_of_disagreeing"] == pytest.approx(1e-4, rel=0.1)
+  logits[2] = [4.0, 3.0]  # re-evaluated correct by a clear margin: a real disagreement
+  checks = ensemble_lib.flag_checks(robust, broken, logits, y)
+  assert not checks["broken_misclassified"] and checks["flags_disagree"] == 1
+  assert ensemble_lib.flag_checks(robust[:0], broken[:0], logits[:0], y[:0])["flags_disagree"] == 0
