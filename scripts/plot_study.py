@@ -150,7 +150,7 @@ def plot_curves(study, path, plt):
 def sweep_points(study) -> list[tuple[float, float | None, float | None, str]]:
   """(rho, AutoAttack acc, PGD-20 acc, AutoAttack engine) for SOVR runs and PGD-AT (rho = 0)."""
   pts = []
-  for name, run in study["runs"].items():
+  for run in study["runs"].values():
     t = (run.get("test") or {}).get("best")
     if not t or run["method"] not in ("sovr", "pgd_at"):
       continue

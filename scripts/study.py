@@ -13,7 +13,7 @@ Stages (each skips what an earlier call finished, so rerunning the command resum
               points) -> NAME/compare.json; every other run: the JAX AutoAttack
               (``python -m sovr_jax.autoattack_eval --engine jax``) -> NAME/autoattack_jax.json.
               ``--attacks`` picks a subset (default: the standard four).
-  3. collect  one JSON (``--out``): per run the config fields that differ, per-epoch training
+  3. collect  one JSON (``--out``): per run its method and extra flags, per-epoch training
               and validation curves, test clean / PGD-20 / CW-20 (upper bounds), the raw
               adversarial margins of 2,000 training examples, and the AutoAttack results;
               ``scripts/plot_study.py`` draws the figures from it.
@@ -36,6 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from configs import study as study_config  # noqa: E402  pylint: disable=wrong-import-position
 from sovr_jax import jsonio  # noqa: E402  pylint: disable=wrong-import-position
 
 METHODS = ("pgd_at", "sovr", "mail_at", "gairat", "trades", "mart", "ovr", "standard")
@@ -82,7 +83,6 @@ def train_stage(specs, args) -> dict[str, dict[str, Any]]:
   todo = {n: s for n, s in specs.items()
           if not os.path.exists(os.path.join(args.workdir, n, "report.json"))}
   if todo:  # decode (and cache) the images once, not once per parallel run
-    from configs import study as study_config  # pylint: disable=import-outside-toplevel
     from sovr_jax import data  # pylint: disable=import-outside-toplevel
     d = study_config.get_config(f"sovr,{args.scale}").data
     data.load_dataset(d.name, source=d.source, path=args.data or d.path,
@@ -175,8 +175,7 @@ def _aa_summary(s: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def collect(specs, args, status) -> dict[str, Any]:
   """The study's JSON: every run's curves, test figures, margins and AutoAttack results."""
-  from configs import study  # pylint: disable=import-outside-toplevel
-  base = study.get_config(f"sovr,{args.scale}").to_dict()
+  base = study_config.get_config(f"sovr,{args.scale}").to_dict()
   runs = {}
   for name, (method, extra) in specs.items():
     wd = os.path.join(args.workdir, name)
@@ -217,7 +216,7 @@ def collect(specs, args, status) -> dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--scale", default="gpu", choices=("gpu", "tiny"),
+  p.add_argument("--scale", default="gpu", choices=study_config.SCALES,
                  help="configs/study.py scale")
   p.add_argument("--workdir", required=True, help="one run per sub-folder")
   p.add_argument("--out", required=True, help="the collected JSON")
