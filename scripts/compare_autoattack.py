@@ -23,8 +23,9 @@ accuracies and times are those of one standard run.
 of class 0 and every label is set to 0, so no attack can succeed, while the network computes
 exactly what it computes on real labels. The accuracies of such a run are meaningless (100%);
 only the times count. ``--model preact_resnet18`` (random weights, random CIFAR-shaped images)
-serves such timings without a training run; ``--jax_dtype bfloat16`` runs that JAX network in
-bfloat16 (the twin stays float32). ``--skip_jax`` / ``--skip_reference`` run one side only.
+serves such timings without a training run. ``--attack_dtype bfloat16`` runs the JAX attacks on
+the network in bfloat16; every decision is made on the float32 model, and the twin stays float32.
+``--skip_jax`` / ``--skip_reference`` run one side only.
 JAX does not preallocate GPU memory here (XLA_PYTHON_CLIENT_PREALLOCATE=false), so PyTorch
 fits beside it.
 """
@@ -199,26 +200,32 @@ class _WorstCaseTorch(torch.nn.Module):
         torch.zeros(z.shape[0], dtype=torch.long, device=z.device), z.shape[-1]).to(z.dtype)
 
 
-def worst_case_models(model_fn, torch_model):
-  """Both models with +WORST_CASE_OFFSET on class 0 (use with all labels 0)."""
+def worst_case_jax(model_fn):
+  """The JAX model with +WORST_CASE_OFFSET on class 0 (use with all labels 0)."""
 
   def fn(x):
     z = model_fn(x)
     return z + WORST_CASE_OFFSET * jax.nn.one_hot(jnp.zeros(z.shape[0], jnp.int32),
                                                   z.shape[-1], dtype=z.dtype)
-  return fn, _WorstCaseTorch(torch_model).eval()
+  return fn
 
 
-def random_architecture(name: str, n: int, seed: int, device: str, dtype: str = "float32"):
-  """(model_fn, torch twin, x, y, eps, info): a freshly initialised ``sovr_jax.models`` network
-  (CIFAR-10 shapes and normalisation) on uniform random images labelled by the JAX model.
+def worst_case_models(model_fn, torch_model):
+  """Both models with +WORST_CASE_OFFSET on class 0 (use with all labels 0)."""
+  return worst_case_jax(model_fn), _WorstCaseTorch(torch_model).eval()
+
+
+def random_architecture(name: str, n: int, seed: int, device: str, attack_dtype: str):
+  """(model_fn, attack model_fn or None, torch twin, x, y, eps, info): a freshly initialised
+  ``sovr_jax.models`` network (CIFAR-10 shapes and normalisation) on uniform random images
+  labelled by the JAX model.
 
   For timing (``--worst_case``): the accuracies of a random network mean nothing.
   """
   # pylint: disable-next=import-outside-toplevel
   from sovr_jax import evaluate, export, models, torch_models
   mean, std, shape = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), (32, 32, 3)
-  model = models.get_model(name, num_classes=10, mean=mean, std=std, dtype=jnp.dtype(dtype))
+  model = models.get_model(name, num_classes=10, mean=mean, std=std)
   variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + shape), train=False)
   variables = jax.device_get(variables)
   sd = export.to_state_dict(name, variables["params"], variables.get("batch_stats"), mean=mean,
@@ -231,12 +238,23 @@ def random_architecture(name: str, n: int, seed: int, device: str, dtype: str = 
   x = np.random.default_rng(seed + 1).uniform(0, 1, (n,) + shape).astype(np.float32)
   y = np.concatenate([np.asarray(jnp.argmax(model_fn(jnp.asarray(x[i:i + 500])), -1))
                       for i in range(0, n, 500)]).astype(np.int64)
-  info = {"model": f"{name} (random init)", "jax_dtype": dtype}
-  return model_fn, tmodel.to(device).eval(), x, y, 8 / 255, info
+  info = {"model": f"{name} (random init)"}
+  return (model_fn, _attack_model_fn(model, variables, attack_dtype), tmodel.to(device).eval(),
+          x, y, 8 / 255, info)
 
 
-def load_workdir(workdir: str, n: int, device: str, checkpoint: str = "best"):
-  """(model_fn, torch twin, x NHWC [n], y [n], eps, info) of a sovr_jax training run."""
+def _attack_model_fn(model, variables, attack_dtype: str):
+  """The network the JAX attacks run on: None (the model itself) for float32."""
+  from sovr_jax import evaluate  # pylint: disable=import-outside-toplevel
+  if attack_dtype == "float32":
+    return None
+  return evaluate.model_fn_eval(model, variables, jnp.dtype(attack_dtype))
+
+
+def load_workdir(workdir: str, n: int, device: str, checkpoint: str = "best",
+                 attack_dtype: str = "float32"):
+  """(model_fn, attack model_fn or None, torch twin, x NHWC [n], y [n], eps, info) of a
+  sovr_jax training run."""
   from sovr_jax import evaluate, export, torch_models  # pylint: disable=import-outside-toplevel
   run = export.restore_run(workdir, checkpoint=checkpoint)
   ds, cfg = run.dataset, run.cfg
@@ -255,7 +273,8 @@ def load_workdir(workdir: str, n: int, device: str, checkpoint: str = "best"):
   y = ds.test_labels[:n].astype(np.int64)
   info = {"workdir": os.path.abspath(workdir), "checkpoint": checkpoint, "step": run.step,
           "architecture": cfg.model.name, "width": float(cfg.model.width), "dataset": ds.name}
-  return model_fn, tmodel, x, y, float(cfg.attack.eps), info
+  return (model_fn, _attack_model_fn(run.model, variables, attack_dtype), tmodel, x, y,
+          float(cfg.attack.eps), info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,8 +296,9 @@ def _parser() -> argparse.ArgumentParser:
   src.add_argument("--model", choices=("tiny_mlp", "preact_resnet18"),
                    help="tiny_mlp: defined in this script; preact_resnet18: randomly initialised "
                         "(timing only)")
-  p.add_argument("--jax_dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="compute dtype of the random JAX network (timing; the twin stays float32)")
+  p.add_argument("--attack_dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype of the network the JAX attacks run on (with --workdir or "
+                      "--model preact_resnet18); every decision is made on the float32 model")
   p.add_argument("--checkpoint", default="best", choices=("best", "latest"))
   p.add_argument("--n", type=int, default=1000, help="first n test points")
   p.add_argument("--eps", default=None,
@@ -321,20 +341,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings["n_queries"] = args.n_queries
 
   if args.workdir:
-    model_fn, tmodel, x, y, eps, info = load_workdir(args.workdir, args.n, device,
-                                                     args.checkpoint)
+    model_fn, attack_fn, tmodel, x, y, eps, info = load_workdir(
+        args.workdir, args.n, device, args.checkpoint, args.attack_dtype)
   elif args.model == "preact_resnet18":
-    model_fn, tmodel, x, y, eps, info = random_architecture(args.model, args.n, args.seed,
-                                                            device, args.jax_dtype)
+    model_fn, attack_fn, tmodel, x, y, eps, info = random_architecture(
+        args.model, args.n, args.seed, device, args.attack_dtype)
   else:
     params = tiny_mlp_params(args.seed)
+    if args.attack_dtype != "float32":
+      raise ValueError("--attack_dtype needs --workdir or --model preact_resnet18.")
     model_fn, tmodel = tiny_mlp_jax(params), TinyMLPTorch(params).to(device).eval()
+    attack_fn = None
     x, y = tiny_mlp_data(args.n, args.seed, params=params)
     eps, info = 0.02, {"model": "tiny_mlp", "input_shape": list(x.shape[1:])}
   if args.eps is not None:
     eps = _parse_eps(args.eps)
   if args.worst_case:
     model_fn, tmodel = worst_case_models(model_fn, tmodel)
+    attack_fn = attack_fn and worst_case_jax(attack_fn)
     y = np.zeros_like(y)
 
   if args.skip_jax and args.skip_reference:
@@ -345,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           flush=True)
     ours = autoattack.run_standard(model_fn, x, y, args.seed, eps=eps, norm=args.norm,
                                    batch_size=args.batch_size, attacks=attacks,
-                                   n_iter=settings["n_iter"], n_queries=settings["n_queries"])
+                                   n_iter=settings["n_iter"], n_queries=settings["n_queries"],
+                                   attack_model_fn=attack_fn)
   ref = None
   if not args.skip_reference:
     print(f"== pyautoattack (torch {torch.__version__}, {device})", flush=True)
@@ -390,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"per-point agreement of the final robust flags: {agree:.2%}; JAX compile time "
           f"(excluded above): {sum(s['compile_s'].values()):.1f} s")
   result = {"settings": {**settings, "eps": eps, "norm": args.norm, "n": int(len(x)),
+                         "attack_dtype": args.attack_dtype,
                          "batch_size": args.batch_size, "seed": args.seed, "attacks": attacks,
                          "worst_case": args.worst_case, "fast": args.fast, "device": device},
             "model": info, "rows": rows, "jax": s, "reference": r,

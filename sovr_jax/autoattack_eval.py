@@ -244,6 +244,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   if args.engine == "jax" and not args.workdir:
     raise ValueError("--engine jax attacks the JAX model itself: give --workdir (a training run).")
+  if args.engine != "jax" and args.attack_dtype != "float32":
+    raise ValueError("--attack_dtype applies to --engine jax; the reference runs in float32.")
   if not args.workdir and not args.export:
     raise ValueError("Give --workdir (a training run; exported on the fly) or --export (a "
                      "directory written by python -m sovr_jax.export).")
@@ -600,7 +602,8 @@ def _jax_pgd(workdir, info, ds, images, labels, eps, cfg, args) -> dict[str, Any
 def _run_jax(args, argv, workdir, cfg, ds, eps, norm, attacks) -> dict[str, Any]:
   """The same evaluation with sovr_jax's own AutoAttack on the JAX model (no export)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from sovr_jax import sharding  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from sovr_jax import evaluate, sharding  # pylint: disable=import-outside-toplevel
   from sovr_jax.attacks import autoattack  # pylint: disable=import-outside-toplevel
 
   if args.version != "standard":
@@ -613,8 +616,9 @@ def _run_jax(args, argv, workdir, cfg, ds, eps, norm, attacks) -> dict[str, Any]
   bs = max(mesh.devices.size, min(args.batch_size, n) - min(args.batch_size, n)
            % mesh.devices.size)
 
-  def model_fn(x):
-    return run.model.apply(variables, x, train=False)
+  model_fn = evaluate.model_fn_eval(run.model, variables)
+  attack_fn = (None if args.attack_dtype == "float32"
+               else evaluate.model_fn_eval(run.model, variables, jnp.dtype(args.attack_dtype)))
 
   _log(f"JAX AutoAttack ({','.join(attacks or autoattack.STANDARD_ATTACKS)}) on {n} "
        f"{ds.name} test examples, {norm} eps={eps:.6g}, seed {args.seed}, batch {bs}, "
@@ -623,10 +627,12 @@ def _run_jax(args, argv, workdir, cfg, ds, eps, norm, attacks) -> dict[str, Any]
   result = autoattack.run_standard(
       model_fn, images.astype(np.float32) / 255.0, labels, args.seed, eps=eps,
       norm=norm.lower(), batch_size=bs, attacks=tuple(attacks or autoattack.STANDARD_ATTACKS),
-      n_target_classes=min(9, ds.num_classes - 1), mesh=mesh, log=_log)
+      n_target_classes=min(9, ds.num_classes - 1), mesh=mesh, log=_log,
+      attack_model_fn=attack_fn)
   summary = dict(result["summary"])
   summary.update({
-      "engine": "jax", "total_time_s": time.time() - t0, "dataset": ds.name,
+      "engine": "jax", "attack_dtype": args.attack_dtype, "total_time_s": time.time() - t0,
+      "dataset": ds.name,
       "model": {"architecture": cfg.model.name, "width": cfg.model.width,
                 "num_classes": ds.num_classes, "method": cfg.method, "step": run.step,
                 "checkpoint": args.checkpoint},
@@ -670,6 +676,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="reference: pyautoattack on the PyTorch export (default); jax: "
                  "sovr_jax.attacks.autoattack on the JAX model (default out: "
                  "WORKDIR/autoattack_jax.json)")
+  p.add_argument("--attack_dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="--engine jax: compute dtype of the network the attacks run on (every "
+                 "decision is made on the float32 model)")
   p.add_argument("--jax_pgd", action="store_true",
                  help="also run the JAX model's PGD-20 and CW-20 on the same points")
   p.add_argument("--out", help="results JSON (default: WORKDIR/autoattack.json)")

@@ -18,8 +18,11 @@ from sovr_jax import attacks, augment, losses, sharding
 Array = jax.Array
 
 
-def model_fn_eval(model: Any, variables: Any) -> Callable[[Array], Array]:
-  """x -> logits with BatchNorm running statistics (PyTorch ``model.eval()``)."""
+def model_fn_eval(model: Any, variables: Any, dtype: Any = None) -> Callable[[Array], Array]:
+  """x -> logits with BatchNorm running statistics (PyTorch ``model.eval()``); ``dtype``
+  (e.g. ``jnp.bfloat16``) recasts the model's compute dtype, same weights."""
+  if dtype is not None:
+    model = model.clone(dtype=dtype)
   return lambda x: model.apply(variables, x, train=False)
 
 

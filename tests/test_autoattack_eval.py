@@ -140,3 +140,12 @@ def test_jax_engine_matches_the_reference_shape_and_numbers(tiny_run, tmp_path):
   assert jx["checks"]["within_eps"] and jx["checks"]["in_unit_range"]
   with pytest.raises(ValueError, match="--workdir"):
     autoattack_eval.run(["--export", str(tmp_path), "--engine", "jax", *FAST])
+  # Attacks on the bfloat16 network, decisions on the float32 one.
+  bf = autoattack_eval.run(["--workdir", tiny_run, "--engine", "jax", "--attacks", "apgd-ce",
+                            "--attack_dtype", "bfloat16", "--out", str(tmp_path / "bf.json"),
+                            *FAST])
+  assert bf["attack_dtype"] == "bfloat16" and bf["settings"]["separate_attack_model"]
+  assert bf["clean_acc"] == jx["clean_acc"] and abs(bf["robust_acc"] - jx["robust_acc"]) <= 2 / 16
+  assert bf["checks"]["broken_misclassified"]
+  with pytest.raises(ValueError, match="--attack_dtype applies to --engine jax"):
+    autoattack_eval.run(["--workdir", tiny_run, "--attack_dtype", "bfloat16", *FAST])

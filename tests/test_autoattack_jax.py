@@ -307,6 +307,29 @@ def test_ensemble_examples_are_valid(setup, ensemble):
   assert np.array_equal(res["y_adv"] == y, robust)
 
 
+def test_decisions_are_made_on_model_fn_not_the_attack_network(setup, ensemble):
+  """With an attack network that already misclassifies everything (class 0 + 1e4), the attacks
+  stop at once; the points still count as robust, because model_fn classifies their returned
+  examples correctly. A bfloat16 attack network breaks about as many points as float32."""
+  x, y = setup["x"], setup["y"]
+  kw = dict(eps=EPS, batch_size=BATCH, n_iter=N_ITER, n_queries=N_QUERIES, log=None,
+            attacks=("apgd-ce", "apgd-t"))
+  labels_not_0 = y != 0
+  blind = aa.run_standard(setup["fn"], x[labels_not_0], y[labels_not_0], SEED,
+                          attack_model_fn=cmp.worst_case_jax(setup["fn"]), **kw)
+  s = blind["summary"]
+  assert s["settings"]["separate_attack_model"]
+  assert s["robust_acc"] >= s["clean_acc"] - 0.1
+  assert s["checks"]["broken_misclassified"] and s["checks"]["flags_disagree"] == 0
+  normal = ensemble[0]["summary"]["robust_acc_after"]["apgd-t"]
+  assert s["robust_acc"] > normal + 0.3
+
+  bf16 = aa.run_standard(setup["fn"], x, y, SEED,
+                         attack_model_fn=lambda v: setup["fn"](v.astype(jnp.bfloat16)), **kw)
+  assert abs(bf16["summary"]["robust_acc"] - normal) <= 0.1
+  assert bf16["summary"]["checks"]["broken_misclassified"]
+
+
 def test_script_compares_both_and_is_deterministic(tmp_path, ensemble):
   """The script's JAX side repeats the ensemble fixture (same model, points, seed, settings):
   identical results; the reference ensemble agrees within a few points."""
