@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The AutoAttack speed check of docs/autoattack.md, for one GPU session (about 8 minutes on an
+# H100 or H200): worst case (every point stays robust, every attack runs in full) on a
+# PreActResNet-18, the JAX AutoAttack in float32 and pyautoattack side by side, then the JAX
+# AutoAttack with its attacks on the bfloat16 network alone. One JSON per part in $OUT.
+# Carry _carry/pylib (pyautoattack without examples/) and, where absl/yaml are missing,
+# _carry/fallback.
+#   bash scripts/gpu_autoattack.sh                                   # on the device
+#   OUT=/tmp/o N=8 EXTRA=--fast bash scripts/gpu_autoattack.sh       # CPU smoke test
+set -uo pipefail
+OUT=${OUT:?set OUT}
+N=${N:-1000}
+EXTRA=${EXTRA:-}
+export PYTHONPATH="$PWD:$PWD/_carry/pylib"
+python -c "import yaml, absl" 2>/dev/null || export PYTHONPATH="$PYTHONPATH:$PWD/_carry/fallback"
+export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
+exec > >(tee -a "$OUT/log.txt") 2>&1
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true)
+CMP=(python scripts/compare_autoattack.py --model preact_resnet18 --n "$N" --batch_size "$N"
+     --worst_case $EXTRA)
+echo "=== float32, JAX and reference side by side ($(date +%T))"
+timeout "${T_SIDE:-400}" "${CMP[@]}" --out "$OUT/worst_case_f32.json"
+echo "=== JAX, attacks on the bfloat16 network ($(date +%T))"
+timeout "${T_BF16:-150}" "${CMP[@]}" --skip_reference --attack_dtype bfloat16 \
+  --out "$OUT/worst_case_jax_bf16.json"
+echo "=== done ($(date +%T))"
