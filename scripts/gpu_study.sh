@@ -7,15 +7,15 @@
 #      what finished) and the logs into $OUT/logs.tar.gz.
 # Carry: _carry/pylib (ml_collections, mlxtend, pyautoattack without examples/), _carry/fallback
 # (absl, yaml where missing), _carry/data/cifar10-jpeg.tar.gz (a copy of ../shared/data's).
-#   RUNS=pgd_at,sovr SWEEP= DEADLINE=560 bash scripts/gpu_study.sh          # on the device
+#   RUNS= SWEEP=0.2,0.6,0.8 REFERENCE= bash scripts/gpu_study.sh   # on the device (empty = none)
 #   OUT=/tmp/o SCALE=tiny N=16 ATTACKS=apgd-ce DATA=../shared/data/cifar10-jpeg.tar.gz \
 #     bash scripts/gpu_study.sh                                  # CPU smoke test (tests/test_study.py)
 set -uo pipefail
 OUT=${OUT:?set OUT}
 SCALE=${SCALE:-gpu}
-RUNS=${RUNS:-pgd_at,sovr,mail_at,gairat}
-SWEEP=${SWEEP:-}
-REFERENCE=${REFERENCE:-sovr}
+RUNS=${RUNS-pgd_at,sovr,mail_at,gairat}
+SWEEP=${SWEEP-}
+REFERENCE=${REFERENCE-sovr}
 N=${N:-1000}
 ATTACKS=${ATTACKS:-}
 PARALLEL=${PARALLEL:-4}
@@ -51,13 +51,15 @@ timeout "$(( $(left) - ATTACK_S ))" "${STUDY[@]}" --stages train,collect --paral
   --train_timeout "$(( $(left) - ATTACK_S - 10 ))"
 save_logs
 
-echo "=== AutoAttack, side by side on $REFERENCE ($(date +%T), $(left) s left)"
-# At most COMPARE_S, so that the other runs' attacks keep the rest.
-COMPARE_S=${COMPARE_S:-190}
-t=$(( $(left) - 60 )); [ "$t" -gt "$COMPARE_S" ] && t=$COMPARE_S
-timeout "$(( t + 10 ))" "${STUDY[@]}" --stages attack,collect --runs "$REFERENCE" --sweep "" \
-  --aa_timeout "$t"
-save_logs
+if [ -n "$REFERENCE" ]; then  # method runs (not sweep runs), comma-separated
+  echo "=== AutoAttack, side by side on $REFERENCE ($(date +%T), $(left) s left)"
+  # At most COMPARE_S, so that the other runs' attacks keep the rest.
+  COMPARE_S=${COMPARE_S:-190}
+  t=$(( $(left) - 60 )); [ "$t" -gt "$COMPARE_S" ] && t=$COMPARE_S
+  timeout "$(( t + 10 ))" "${STUDY[@]}" --stages attack,collect --runs "$REFERENCE" \
+    --sweep "" --aa_timeout "$t"
+  save_logs
+fi
 
 echo "=== JAX AutoAttack on the other runs, in parallel ($(date +%T), $(left) s left)"
 others=$(python - "$RUNS" "$SWEEP" "$REFERENCE" <<'EOF'
