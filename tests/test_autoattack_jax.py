@@ -276,6 +276,8 @@ def ensemble(setup):
 def test_ensemble_attacks_only_robust_points(setup, ours, ensemble):
   res, lines = ensemble
   s = res["summary"]
+  assert s["attack_batch_size"] == {
+      a: ensemble_lib.attack_batch_size(s["attacked"][a], BATCH, 1) for a in s["attacked"]}
   assert list(s["robust_acc_after"]) == list(aa.STANDARD_ATTACKS)
   assert s["clean_acc"] == 1.0 and s["n"] == N and s["seed"] == SEED and s["eps"] == EPS
   before = N
@@ -409,6 +411,15 @@ def test_sharded_over_two_devices_gives_the_same_result():
   out = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=600, check=False)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_attack_batch_size_shrinks_to_the_points_left():
+  assert ensemble_lib.attack_batch_size(365, 1000, 1) == 368
+  assert ensemble_lib.attack_batch_size(1000, 1000, 1) == 1000
+  assert ensemble_lib.attack_batch_size(2500, 1000, 1) == 1000
+  assert ensemble_lib.attack_batch_size(3, 1000, 1) == 8
+  assert ensemble_lib.attack_batch_size(3, 4, 1) == 4
+  assert ensemble_lib.attack_batch_size(9, 96, 12) == 24  # a multiple of lcm(8, 12)
 
 
 def test_flag_checks_tell_rounding_from_real_disagreement():
