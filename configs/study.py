@@ -20,7 +20,7 @@ The data is ../shared/data/cifar10-jpeg.tar.gz (a folder or tarball of train|tes
 pass --config.data.path=... when it lives elsewhere.
 """
 
-from configs import default
+from configs import default, tiny
 
 SCALES = ("gpu", "cpu", "tiny")
 CIFAR10_JPEG = "../shared/data/cifar10-jpeg.tar.gz"
@@ -56,19 +56,7 @@ def get_config(arg: str = "sovr"):
     c.train.log_every_steps = 13
     c.eval.every_epochs = 2
   else:
+    tiny.shrink(c, attack_steps=2)
     c.model.width = 0.0625
-    c.data.val_size = 64
-    c.data.num_train = 256
-    c.data.num_test = 64
-    c.attack.num_steps = 2
     c.attack.step_size = 4 / 255
-    c.train.batch_size = 32
-    c.train.epochs = 2
-    c.train.lr = 0.05
-    c.train.lr_boundaries = (1,)
-    c.train.log_every_steps = 4
-    c.eval.batch_size = 64
-    c.eval.pgd_steps = 2
-    c.eval.cw_steps = 2
-    c.eval.margin_examples = 64
   return c
