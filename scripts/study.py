@@ -10,9 +10,11 @@ Stages (each skips what an earlier call finished, so rerunning the command resum
               ovr_fraction values besides the config's 0.4, named sovr_rho0.2, ...).
   2. attack   ``--reference`` runs: ``scripts/compare_autoattack.py`` (the JAX AutoAttack and
               pyautoattack on the PyTorch export, side by side, on the same first ``--n`` test
-              points) -> NAME/compare.json; every other run: the JAX AutoAttack
-              (``python -m sovr_jax.autoattack_eval --engine jax``) -> NAME/autoattack_jax.json.
-              ``--attacks`` picks a subset (default: the standard four).
+              points) -> NAME/compare.json; every other run: ``--aa_engine``'s AutoAttack
+              alone (``python -m sovr_jax.autoattack_eval``), jax (default) ->
+              NAME/autoattack_jax.json or reference (pyautoattack on the export, e.g. where the
+              JAX one is slower: on a CPU) -> NAME/autoattack.json. ``--attacks`` picks a
+              subset (default: the standard four).
   3. collect  one JSON (``--out``): per run its method and extra flags, per-epoch training
               and validation curves, test clean / PGD-20 / CW-20 (upper bounds), the raw
               adversarial margins of 2,000 training examples, and the AutoAttack results;
@@ -41,6 +43,8 @@ from sovr_jax import jsonio  # noqa: E402  pylint: disable=wrong-import-position
 
 METHODS = ("pgd_at", "sovr", "mail_at", "gairat", "trades", "mart", "ovr", "standard")
 DEFAULT_RUNS = "pgd_at,sovr,mail_at,gairat"
+#: What ``python -m sovr_jax.autoattack_eval --engine E`` writes, per engine.
+AA_FILES = {"jax": "autoattack_jax.json", "reference": "autoattack.json"}
 #: Epoch-line fields of metrics.jsonl kept in the collected curves.
 CURVE_FIELDS = ("loss", "adv_acc", "clean_acc", "margin", "switched", "weight", "lr",
                 "val_clean_acc", "val_pgd_acc", "images_per_s", "epoch_time_s")
@@ -122,12 +126,14 @@ def attack_stage(specs, args) -> dict[str, dict[str, Any]]:
       out = os.path.join(wd, "compare.json")
       cmd = [sys.executable, os.path.join(REPO, "scripts", "compare_autoattack.py"),
              f"--workdir={wd}", f"--out={out}", *common]
-      if args.device:
-        cmd.append(f"--device={args.device}")
     else:
-      out = os.path.join(wd, "autoattack_jax.json")
-      cmd = [sys.executable, "-m", "sovr_jax.autoattack_eval", "--engine=jax",
+      out = os.path.join(wd, AA_FILES[args.aa_engine])
+      cmd = [sys.executable, "-m", "sovr_jax.autoattack_eval", f"--engine={args.aa_engine}",
              f"--workdir={wd}", f"--out={out}", *common]
+    if args.device and (name in reference or args.aa_engine == "reference"):
+      cmd.append(f"--device={args.device}")
+    if args.threads:
+      cmd.append(f"--threads={args.threads}")
     if os.path.exists(out):
       continue
     print(f"[study] AutoAttack {name} -> {out}", flush=True)
@@ -200,9 +206,11 @@ def collect(specs, args, status) -> dict[str, Any]:
                              "rows": cmp_.get("rows"),
                              "robust_flag_agreement": cmp_.get("robust_flag_agreement"),
                              "platform": cmp_.get("platform")}
-    elif os.path.exists(os.path.join(wd, "autoattack_jax.json")):
-      entry["autoattack"] = {"jax": _aa_summary(_read_json(os.path.join(wd,
-                                                                      "autoattack_jax.json")))}
+    else:
+      aa = {engine: _aa_summary(_read_json(os.path.join(wd, f)))
+            for engine, f in AA_FILES.items() if os.path.exists(os.path.join(wd, f))}
+      if aa:
+        entry["autoattack"] = aa
     runs[name] = entry
   return {"study": "SOVR reproduction, CIFAR-10 (JPEG copy), PreActResNet-18",
           "scale": args.scale, "base_config": base, "runs": runs,
@@ -233,7 +241,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--n", type=int, default=1000, help="AutoAttack test points (the first n)")
   p.add_argument("--aa_batch_size", type=int, default=1000)
   p.add_argument("--seed", type=int, default=0, help="AutoAttack seed")
+  p.add_argument("--aa_engine", default="jax", choices=tuple(AA_FILES),
+                 help="AutoAttack of the runs not in --reference")
   p.add_argument("--device", default="", help="torch device of the reference (default: auto)")
+  p.add_argument("--threads", type=int, default=0,
+                 help="PyTorch CPU threads of the AutoAttack runs (0 = PyTorch's default)")
   p.add_argument("--train_timeout", type=float, default=3600.0, help="seconds per run")
   p.add_argument("--aa_timeout", type=float, default=3600.0, help="seconds per AutoAttack")
   return p

@@ -53,6 +53,35 @@ def test_curves_merge_log_lines_and_epoch_lines(tmp_path):
   assert curves[0]["val_pgd_acc"] == 0.2 and "val_pgd_acc" not in curves[1]
 
 
+def test_attack_stage_engines_and_collect(tmp_path, monkeypatch):
+  """--reference runs go side by side; the others to --aa_engine's AutoAttack, whose JSON
+  collect files under that engine."""
+  for name in ("pgd_at", "sovr"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "report.json").write_text("{}")
+  calls = []
+  monkeypatch.setattr(study, "_run", lambda cmd, log, timeout: calls.append(cmd) or {"ok": True, "seconds": 0.0})
+  args = study._parser().parse_args([f"--workdir={tmp_path}", "--out=x", "--reference=sovr",
+                                     "--aa_engine=reference", "--threads=1", "--device=cpu"])
+  status = study.attack_stage(study.run_specs("pgd_at,sovr,gairat", ""), args)
+  assert set(status) == {"pgd_at", "sovr"}  # gairat is not trained: nothing to attack
+  outs = {next(a for a in cmd if a.startswith("--out=")): cmd for cmd in calls}
+  pgd = outs[f"--out={tmp_path}/pgd_at/autoattack.json"]
+  sovr = outs[f"--out={tmp_path}/sovr/compare.json"]
+  assert "--engine=reference" in pgd
+  assert any(a.endswith("compare_autoattack.py") for a in sovr)
+  assert "--threads=1" in pgd and "--threads=1" in sovr and "--device=cpu" in pgd
+
+  (tmp_path / "pgd_at" / "autoattack.json").write_text(json.dumps(
+      {"robust_acc": 0.3, "n": 10, "unrelated": 1}))
+  monkeypatch.setattr(study, "_curves", lambda path: [])
+  (tmp_path / "pgd_at" / "report.json").write_text(json.dumps(
+      {"test": {}, "margins": {"std": 1.0, "histogram": [1]}, "config": {}}))
+  runs = study.collect(study.run_specs("pgd_at", ""), args, {})["runs"]
+  assert runs["pgd_at"]["autoattack"] == {"reference": {"robust_acc": 0.3, "n": 10}}
+  assert runs["pgd_at"]["margins_summary"] == {"std": 1.0}
+
+
 @pytest.mark.skipif(CIFAR_TARBALL is None, reason="no cifar10-jpeg.tar.gz")
 def test_gpu_study_script_at_tiny_scale(tmp_path):
   """scripts/gpu_study.sh end to end on the CPU: train two runs at once, pyautoattack and the
