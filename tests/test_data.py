@@ -47,6 +47,21 @@ def test_mnist5k_shapes_dtypes_and_sizes():
   assert len(np.unique(ds.test_labels)) == 10
 
 
+def test_synthetic_has_the_named_data_sets_shapes():
+  ds = data.load_dataset("cifar10", source="synthetic", val_size=1000, num_test=500)
+  assert ds.image_shape == (32, 32, 3) and ds.num_classes == 10
+  assert (ds.num_train, ds.num_val, ds.num_test) == (49000, 1000, 500)
+  assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
+  assert ds.mean == (0.4914, 0.4822, 0.4465)  # CIFAR-10's constants, as the real one
+  assert len(np.unique(ds.train_labels)) == 10 and ds.train_images.std() > 70  # uniform noise
+  again = data.load_dataset("cifar10", source="synthetic", val_size=1000, num_test=500)
+  np.testing.assert_array_equal(ds.train_images[:8], again.train_images[:8])
+  mnist = data.load_dataset("mnist", source="synthetic", val_size=0)
+  assert mnist.image_shape == (28, 28, 1) and mnist.num_train == 60000
+  with pytest.raises(ValueError, match="Unknown synthetic data set 'mnist5k'"):
+    data.load_dataset("mnist5k", source="synthetic")
+
+
 def test_mnist5k_deterministic_and_test_split_seed_independent():
   a = data.load_dataset("mnist5k", source="embedded", seed=0)
   b = data.load_dataset("mnist5k", source="embedded", seed=0)
