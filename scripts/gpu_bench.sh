@@ -10,9 +10,10 @@ export PYTHONPATH="$PWD:$PWD/_carry/pylib"
 python -c "import yaml, absl" 2>/dev/null || export PYTHONPATH="$PYTHONPATH:$PWD/_carry/fallback"
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) > "$OUT/gpu.txt" 2>&1
 python -c "import jax, flax, torch; print(jax.__version__, flax.__version__, torch.__version__, jax.devices())" | tee "$OUT/versions.txt"
-if [ -n "${SMOKE:-}" ]; then S="--cpu_smoke"; W=0.0625; else S=""; W=1.0; fi
-part() {  # name, timeout, args...
-  local name=$1 t=$2; shift 2
+# SMOKE: CPU sizes, with 4x the time limits (a CPU's compilation is slower than the steps).
+if [ -n "${SMOKE:-}" ]; then S="--cpu_smoke"; X=4; else S=""; X=1; fi
+part() {  # name, timeout (s), args...; every row is in $OUT/bench_NAME.json as soon as it is timed
+  local name=$1 t=$(($2 * X)); shift 2
   echo "=== $name ($(date +%T))"
   timeout "$t" python -m sovr_jax.bench $S "$@" --out "$OUT/bench_$name.json" 2>&1 | tail -n 40
 }
@@ -20,11 +21,14 @@ part() {  # name, timeout, args...
 part prn18_pgd_at 170 --archs preact_resnet18 --batches 128,512 --precisions bfloat16 \
   --methods pgd_at --dispatch 1,4 --torch float32,amp --host_batches
 # 2. Every method at batch 512 (overhead vs PGD-AT), bf16.
-part prn18_methods 130 --archs preact_resnet18 --batches 512 --precisions bfloat16 \
-  --methods sovr,trades,mail_at,gairat --torch "" --iters 10 --repeats 3
+part prn18_methods 160 --archs preact_resnet18 --batches 512 --precisions bfloat16 \
+  --methods sovr,trades,mart,mail_at,gairat --torch "" --iters 10 --repeats 3
 # 3. float32 at batch 512.
 part prn18_f32 60 --archs preact_resnet18 --batches 512 --precisions float32 --methods pgd_at --torch ""
 # 4. WideResNet-34-10, bf16, batch 512 (PyTorch at 128: 512 is slow in eager f32).
 part wrn34_10 70 --archs wrn34_10 --batches 512 --precisions bfloat16 --methods pgd_at \
   --torch "" --iters 6 --repeats 3
+# 5. A whole CIFAR-sized epoch (50,000 images) of the trainer, end to end, against its steps alone.
+part prn18_epoch 150 --archs preact_resnet18 --batches 512 --precisions bfloat16 --methods "" \
+  --torch "" --epoch --iters 10 --repeats 3
 echo "=== done ($(date +%T))"

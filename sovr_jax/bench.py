@@ -3,6 +3,7 @@ precision, side by side with the PyTorch twin's eager PGD-10 step, in one run.
 
     python -m sovr_jax.bench --out results/bench_gpu.json                 # GPU defaults
     python -m sovr_jax.bench --cpu_smoke --out /tmp/bench_cpu.json        # seconds on a CPU
+    python -m sovr_jax.bench --epoch --methods "" --torch ""             # the epoch, end to end
 
 For every case it prints images/s (median over repeats, warm-up excluded),
 the JAX / PyTorch-eager-float32 ratio at the same architecture and batch, the
@@ -10,6 +11,8 @@ achieved TFLOP/s from an analytic FLOP count of one forward pass (2 x the
 multiply-adds of every convolution and matmul, counted on the jaxpr) times
 (2K + 3) (K attack steps of forward + input gradient, one training
 forward + backward), and the fraction of a matmul peak measured in the same run.
+``--epoch`` also times a whole training epoch of the trainer itself, end to end
+(host batches, on-device augmentation, step, metrics), against the steps alone.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -29,7 +33,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from sovr_jax import models, sharding, train
+from sovr_jax import data, jsonio, models, sharding, train
 
 
 def _bench_config(method: str, arch: str, width: float, batch: int, precision: str,
@@ -159,6 +163,39 @@ def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: st
           "tflops": ips * flops * (2 * num_steps + 3) / 1e12}
 
 
+def bench_epoch(arch: str, *, width: float, batch: int, precision: str, num_steps: int,
+                num_images: int, iters: int, repeats: int) -> dict[str, Any]:
+  """A PGD-AT training epoch end to end against its steps alone.
+
+  Runs the trainer itself (``experiment.train_and_evaluate``: host-side batches,
+  on-device augmentation, the step, metrics fetched every ``log_every_steps``) for
+  two epochs of ``num_images`` synthetic CIFAR-shaped images and takes the second
+  epoch's time (no compilation in it); steps-only is the number of steps times the
+  median time of the same jitted step on a batch already on the device
+  (:func:`bench_jax`). ``overhead`` = epoch / steps-only - 1.
+  """
+  from sovr_jax import experiment  # pylint: disable=g-import-not-at-top
+  cfg = _bench_config("pgd_at", arch, width, batch, precision, num_steps, 1)
+  cfg.data.source, cfg.data.name, cfg.data.val_size = "synthetic", "cifar10", 0
+  cfg.data.num_train, cfg.data.num_test = num_images, batch
+  cfg.train.epochs = 2
+  cfg.eval.every_epochs, cfg.eval.pgd_steps, cfg.eval.cw_steps = 0, 1, 1
+  cfg.eval.margin_examples = batch
+  with tempfile.TemporaryDirectory() as workdir:
+    experiment.train_and_evaluate(cfg, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      epochs = [r for r in map(json.loads, f) if "epoch_time_s" in r]
+  steps = data.num_batches(num_images, batch)
+  step = bench_jax("pgd_at", arch, width=width, batch=batch, precision=precision,
+                   num_steps=num_steps, steps_per_dispatch=1, iters=iters, repeats=repeats)
+  epoch_s, steps_s = epochs[-1]["epoch_time_s"], steps * batch / step["images_per_s"]
+  return {"framework": "jax", "method": "pgd_at", "arch": arch, "width": width, "batch": batch,
+          "precision": precision, "attack_steps": num_steps, "epoch_images": steps * batch,
+          "epoch_s": epoch_s, "steps_only_s": steps_s,
+          "images_per_s": steps * batch / epoch_s,
+          "steps_only_images_per_s": step["images_per_s"], "overhead": epoch_s / steps_s - 1}
+
+
 def bench_torch(arch: str, *, width: float, batch: int, amp: bool, num_steps: int,
                 iters: int, repeats: int, image_shape=(32, 32, 3),
                 num_classes: int = 10) -> dict[str, Any]:
@@ -242,13 +279,18 @@ def main(argv=None):
   p.add_argument("--torch", default="float32,amp", help="PyTorch variants ('' = none)")
   p.add_argument("--host_batches", action="store_true",
                  help="also time the pgd_at step with host-side batch assembly")
+  p.add_argument("--epoch", action="store_true",
+                 help="also time a PGD-AT training epoch end to end against its steps alone")
+  p.add_argument("--epoch_images", type=int, default=50000,
+                 help="--epoch: images per epoch (default: CIFAR-10's 50,000)")
   p.add_argument("--cpu_smoke", action="store_true",
-                 help="tiny sizes for a CPU: width 1/16, batch 32, PGD-2, 2x2 timings")
+                 help="tiny sizes for a CPU: width 1/16, batch 32, PGD-2, 2x2 timings, "
+                 "256-image epochs")
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
   if a.cpu_smoke:
     a.width, a.batches, a.attack_steps, a.iters, a.repeats = 0.0625, "32", 2, 2, 2
-    a.precisions, a.dispatch = "float32", "1,2"
+    a.precisions, a.dispatch, a.epoch_images = "float32", "1,2", 256
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   dev = jax.devices()[0]
   peak_dtype = jnp.bfloat16 if dev.platform != "cpu" else jnp.float32
@@ -259,10 +301,15 @@ def main(argv=None):
             "matmul_peak_tflops": peak, "matmul_peak_dtype": jnp.dtype(peak_dtype).name}
   print(json.dumps(header), flush=True)
   rows = []
+  if a.out:
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
 
-  def emit(row):
+  def emit(row):  # rewrites --out after every row: a timeout keeps what finished
     rows.append(row)
     print(json.dumps(row), flush=True)
+    if a.out:
+      jsonio.write_json_atomic(a.out, {"header": header, "rows": rows,
+                                       "command": " ".join(sys.argv)})
 
   torch_ref: dict[tuple[str, int], float] = {}
   for arch in a.archs.split(","):
@@ -280,7 +327,7 @@ def main(argv=None):
         emit(r)
       for precision in a.precisions.split(","):
         for k in [int(d) for d in a.dispatch.split(",")]:
-          for method in a.methods.split(","):
+          for method in [m for m in a.methods.split(",") if m]:
             r = bench_jax(method, arch, width=a.width, batch=batch, precision=precision,
                           num_steps=a.attack_steps, steps_per_dispatch=k, iters=a.iters,
                           repeats=a.repeats)
@@ -293,10 +340,10 @@ def main(argv=None):
                         num_steps=a.attack_steps, steps_per_dispatch=1, iters=a.iters,
                         repeats=a.repeats, host_batches=True)
           emit(r)
-  if a.out:
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-      json.dump({"header": header, "rows": rows, "command": " ".join(sys.argv)}, f, indent=1)
+        if a.epoch:
+          emit(bench_epoch(arch, width=a.width, batch=batch, precision=precision,
+                           num_steps=a.attack_steps, num_images=a.epoch_images,
+                           iters=a.iters, repeats=a.repeats))
   return rows
 
 

@@ -1,0 +1,56 @@
+"""The benchmark (sovr_jax.bench): its FLOP count against formulas, and one tiny run of
+every kind of row on the CPU (JAX step, PyTorch twin, host batches, the epoch end to end)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sovr_jax import bench, models
+
+
+class _ConvDense(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    x = nn.Conv(5, (3, 3), padding="SAME")(x)          # 8*8*5 outputs x 3*3*2 MACs each
+    x = jax.lax.scan(lambda c, _: (nn.relu(c), None), x, None, length=2)[0]  # no MACs
+    return nn.Dense(4)(x.reshape(x.shape[0], -1))       # 4 outputs x 320 MACs each
+
+
+def test_forward_flops_counts_convs_and_matmuls():
+  model = _ConvDense()
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 2)))
+  assert bench.forward_flops(model, variables, (8, 8, 2)) == 2 * (8 * 8 * 5 * 9 * 2 + 4 * 320)
+
+
+def test_jaxpr_flops_recurses_into_nested_jaxprs():
+  w = jnp.ones((6, 7))
+  inner = jax.make_jaxpr(lambda x: x @ w)(jnp.ones((3, 6)))
+  looped = jax.make_jaxpr(lambda x: jax.lax.fori_loop(0, 4, lambda i, c: c @ jnp.eye(6), x))(
+      jnp.ones((3, 6)))
+  assert bench._jaxpr_flops(inner.jaxpr) == 2 * 3 * 7 * 6
+  assert bench._jaxpr_flops(looped.jaxpr) == 2 * 3 * 6 * 6  # the body once, not x4
+
+
+def test_cpu_smoke_rows():
+  rows = bench.main(["--cpu_smoke", "--methods=pgd_at", "--dispatch=1", "--torch=float32",
+                     "--host_batches", "--epoch", "--iters=1", "--repeats=1"])
+  by_kind = {(r["framework"], r.get("method"), r.get("host_batches"), "epoch_s" in r): r
+             for r in rows}
+  torch_row = by_kind[("torch", "pgd_at", None, False)]
+  pgd = by_kind[("jax", "pgd_at", False, False)]
+  assert torch_row["images_per_s"] > 0 and torch_row["precision"] == "float32"
+  assert pgd["ratio_vs_torch_eager_f32"] == pytest.approx(
+      pgd["images_per_s"] / torch_row["images_per_s"])
+  # PGD-2: (2K + 3) = 7 forward-equivalents per image.
+  model = models.get_model("preact_resnet18", num_classes=10, width=0.0625)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  fwd = bench.forward_flops(model, variables, (32, 32, 3))
+  assert pgd["gflop_per_image"] == pytest.approx(7 * fwd / 1e9)
+  assert pgd["tflops"] == pytest.approx(pgd["images_per_s"] * pgd["gflop_per_image"] / 1e3)
+  assert by_kind[("jax", "pgd_at", True, False)]["images_per_s"] > 0
+  epoch = by_kind[("jax", "pgd_at", None, True)]
+  assert epoch["epoch_images"] == 256 and epoch["epoch_s"] > 0
+  assert epoch["overhead"] == pytest.approx(epoch["epoch_s"] / epoch["steps_only_s"] - 1)
