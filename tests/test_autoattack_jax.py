@@ -8,6 +8,7 @@ at an eps where about half the points can be broken. Iterations and queries are 
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 import torch
 from pyautoattack import AutoAttack
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.fab_projections import projection_l2 as ref_projection_l2
 from pyautoattack.fab_projections import projection_linf as ref_projection_linf
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
@@ -34,7 +36,8 @@ logging.getLogger("auto-attack").setLevel(logging.ERROR)
 N, EPS, EPS_L2, N_ITER, N_QUERIES, SEED, BATCH = 200, 0.02, 0.25, 20, 300, 0, 64
 #: |robust accuracy (ours) - robust accuracy (reference)| allowed on N points. Repeated runs with
 #: other seeds spread by <= 0.5 points (APGD) and <= 1.5 points (Square) on either side.
-TOL = {"apgd-ce": 0.03, "apgd-t": 0.03, "fab-t": 0.02, "fab": 0.02, "square": 0.05}
+TOL = {"apgd-ce": 0.03, "apgd-t": 0.03, "fab-t": 0.02, "fab": 0.02, "fab-t-l2": 0.02,
+       "square": 0.05, "square-l2": 0.05}
 
 
 def _reference_apgd_iters(att, n_iter):
@@ -74,7 +77,10 @@ def ours(setup):
       "apgd-t": lambda k: aa.apgd_targeted(fn, xj, yj, k, eps=EPS, n_iter=N_ITER),
       "fab-t": lambda k: aa.fab(fn, xj, yj, k, eps=EPS, n_iter=N_ITER),
       "fab": lambda k: aa.fab(fn, xj, yj, k, eps=EPS, n_iter=N_ITER, targeted=False),
+      "fab-t-l2": lambda k: aa.fab(fn, xj, yj, k, eps=EPS_L2, norm="l2", n_iter=N_ITER),
       "square": lambda k: aa.square(fn, xj, yj, k, eps=EPS, n_queries=N_QUERIES),
+      "square-l2": lambda k: aa.square(fn, xj, yj, k, eps=EPS_L2, norm="l2",
+                                       n_queries=N_QUERIES),
   }
   out = {}
   for name, call in calls.items():
@@ -89,8 +95,10 @@ def reference(setup):
   """pyautoattack's robust flags for each attack alone (AutoAttack version='custom')."""
   model, xt, yt = setup["torch"], setup["xt"], setup["yt"]
   out = {}
-  for name in ("apgd-ce", "apgd-t", "square"):
-    adv = AutoAttack(model, attacks=[name], device="cpu", eps=EPS, norm="Linf", seed=SEED,
+  for name in ("apgd-ce", "apgd-t", "square", "square-l2"):
+    l2 = name.endswith("-l2")
+    adv = AutoAttack(model, attacks=[name.removesuffix("-l2")], device="cpu",
+                     eps=EPS_L2 if l2 else EPS, norm="L2" if l2 else "Linf", seed=SEED,
                      version="custom")
     adv.apgd.n_restarts = 1
     _reference_apgd_iters(adv.apgd, N_ITER)
@@ -98,8 +106,9 @@ def reference(setup):
     adv.square.n_queries = N_QUERIES
     x_adv, _ = adv.run_standard_evaluation(xt, yt, batch_size=N)
     out[name] = _correct_torch(model, x_adv, setup["y"])
-  for name, targeted in (("fab-t", True), ("fab", False)):
-    fab = FABAttack_PT(model, n_restarts=1, n_iter=N_ITER, eps=EPS, seed=SEED, norm="Linf",
+  for name, targeted, norm, eps in (("fab-t", True, "Linf", EPS), ("fab", False, "Linf", EPS),
+                                    ("fab-t-l2", True, "L2", EPS_L2)):
+    fab = FABAttack_PT(model, n_restarts=1, n_iter=N_ITER, eps=eps, seed=SEED, norm=norm,
                        targeted=targeted, n_target_classes=9, device="cpu")
     x_adv = fab.perturb(xt, yt)
     out[name] = _correct_torch(model, x_adv, setup["y"])
@@ -156,9 +165,10 @@ def test_check_oscillation_matches_reference():
     np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"j={j} k={k}")
 
 
-def test_projection_linf_matches_reference():
-  rng = np.random.default_rng(2)
-  m, d = 96, 40
+def _projection_problems(seed, m=96, d=40):
+  """Points in the box (some on its faces), normals (some zero coordinates) and offsets from
+  just beside the point to beyond the box's reach."""
+  rng = np.random.default_rng(seed)
   t = rng.uniform(0, 1, (m, d)).astype(np.float32)
   t[:, :3] = 0.0
   t[:, 3:5] = 1.0
@@ -166,15 +176,23 @@ def test_projection_linf_matches_reference():
   w[:, 5:8] = 0.0
   scale = np.repeat([0.05, 0.5, 2.0, 20.0], m // 4)  # close, middle, far, out of the box
   b = (np.sum(w * t, 1) + scale * rng.standard_normal(m)).astype(np.float32)
-  want = ref_projection_linf(torch.from_numpy(t), torch.from_numpy(w),
-                             torch.from_numpy(b)).numpy()
+  return t, w, b
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_projection_matches_reference(norm):
+  t, w, b = _projection_problems(2)
+  ref = {"linf": ref_projection_linf, "l2": ref_projection_l2}[norm]
+  want = ref(torch.from_numpy(t), torch.from_numpy(w), torch.from_numpy(b)).numpy()
   args = (jnp.asarray(t), jnp.asarray(w), jnp.asarray(b))
-  np.testing.assert_allclose(np.asarray(aa.projection_linf_sorted(*args)), want, atol=2e-6)
-  got = np.asarray(aa.projection_linf(*args))  # bisection on lambda instead of a sort
-  np.testing.assert_allclose(got, want, atol=2e-6)
+  if norm == "linf":
+    np.testing.assert_allclose(np.asarray(aa.projection_linf_sorted(*args)), want, atol=2e-6)
+  got = np.asarray({"linf": aa.projection_linf, "l2": aa.projection_l2}[norm](*args))
+  np.testing.assert_allclose(got, want, atol=2e-6)  # bisection on lambda instead of a sort
   assert np.abs(want).max() > 0.1  # non-trivial steps
+  assert np.all(t + got >= -1e-6) and np.all(t + got <= 1 + 1e-6)
   reach = np.abs(np.sum(w * (t + want), 1) - b) < 1e-4  # the box reaches the hyperplane
-  assert 0 < reach.sum() < m
+  assert 0 < reach.sum() < len(b)
   np.testing.assert_allclose(np.sum(w * (t + got), 1)[reach], b[reach], atol=1e-4)
 
 
@@ -215,7 +233,8 @@ def test_apgd_run_follows_the_reference_trajectory(setup, loss, norm):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-ce-l2", "apgd-t", "fab-t", "fab", "square"])
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-ce-l2", "apgd-t", "fab-t", "fab", "fab-t-l2",
+                                  "square", "square-l2"])
 def test_outputs_lie_in_the_ball_and_box(setup, ours, name):
   x, x_adv = setup["x"], ours[name]["x_adv"]
   assert x_adv.shape == x.shape and x_adv.dtype == np.float32
@@ -230,7 +249,8 @@ def test_outputs_lie_in_the_ball_and_box(setup, ours, name):
   assert 0.05 < robust.mean() < 0.95  # the attack broke some points, not all
 
 
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "fab-t", "fab", "square"])
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "fab-t", "fab", "fab-t-l2", "square",
+                                  "square-l2"])
 def test_robust_accuracy_matches_reference(ours, reference, name):
   ours_acc, ref_acc = ours[name]["robust"].mean(), reference[name].mean()
   assert abs(ours_acc - ref_acc) <= TOL[name], (name, ours_acc, ref_acc)
@@ -258,6 +278,20 @@ def test_square_schedule_matches_reference():
     assert aa.p_selection(it, n_queries=1000, rescale_schedule=True) == ref_resc.p_selection(it)
   sizes = aa.square_sizes(5000, 32, 32)
   assert sizes[0] == 29 and sizes[-1] == 3 and np.all(np.diff(sizes) <= 0)
+  # L2: the reference's max(round(sqrt(p h w)), 3), made odd, capped at the image side.
+  for it in (0, 11, 60, 300, 700, 1500, 3000, 4999):
+    s = max(int(round(math.sqrt(ref.p_selection(it) * 32 * 32))), 3)
+    s = min(s + 1 - s % 2, 32)
+    assert aa.square_sizes(5000, 32, 32, norm="l2")[it] == s, it
+
+
+@pytest.mark.parametrize("s", [1, 3, 5, 6, 29])
+def test_square_l2_pattern_matches_reference(s):
+  ref = SquareAttack(None, norm="L2", eps=0.5, device="cpu")
+  want = ref.eta(s).numpy()  # randomly transposed
+  got = aa.square_eta(s)
+  assert np.allclose(got, want, atol=1e-6) or np.allclose(got.T, want, atol=1e-6)
+  assert np.sum(got ** 2) == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +408,7 @@ def test_bad_arguments_are_refused(setup):
   with pytest.raises(ValueError, match="eps"):
     aa.apgd(fn, x, y, key, eps=0.0)
   with pytest.raises(ValueError, match="norm"):
-    aa.fab(fn, x, y, key, eps=EPS, norm="l2")
+    aa.fab(fn, x, y, key, eps=EPS, norm="l1")
   with pytest.raises(ValueError, match="attack"):
     aa.run_standard(fn, setup["x"][:4], setup["y"][:4], 0, eps=EPS, batch_size=4,
                     attacks=("pgd",))

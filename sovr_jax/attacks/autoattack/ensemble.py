@@ -11,8 +11,8 @@ the ensemble:
   robust(i) = [f(x_i) = y_i] * prod_a [f(A_a(x_i)) = y_i].
 
 Standard version (L-inf and L2): APGD-CE (1 restart), APGD-T (9 target
-classes, 1 restart each), FAB-T (9 target classes; L-inf here), Square
-(5000 queries; L-inf here), all with 100 iterations.
+classes, 1 restart each), FAB-T (9 target classes), Square (5000 queries),
+all with 100 iterations.
 
 The points are processed in batches of ``batch_size`` (fewer rows when fewer
 points are left for an attack: ``attack_batch_size``); the last batch is
@@ -60,8 +60,6 @@ def make_attack(name: str, model_fn: ModelFn, *, eps: float, norm: str = "linf",
   """(x, y, active, rng) -> x_adv for one attack of the ensemble, standard settings."""
   common.check_choice("attack", name, ATTACKS)
   kw = dict(eps=eps, norm=norm, early_stop=early_stop)
-  if name in ("fab", "fab-t", "square") and norm != "linf":
-    raise NotImplementedError(f"{name} is implemented for norm='linf' only, got {norm!r}.")
   if name == "apgd-ce":
     f = functools.partial(apgd_fn, loss="ce", n_iter=n_iter, n_restarts=n_restarts, **kw)
   elif name == "apgd-dlr":
@@ -155,7 +153,7 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
       devices its parameters should be replicated on ``mesh`` (``sharding.replicate``).
     x: inputs in [0, 1], [N, ...] (NHWC images for Square); y: int labels [N] (host arrays).
     rng: an int seed (recorded in the summary) or a key.
-    eps, norm: the threat model ("linf"; "l2" for the APGD attacks only).
+    eps, norm: the threat model ("linf" or "l2").
     batch_size: points per jitted call (a multiple of the mesh's device count).
     attacks: run in this order (``ATTACKS``); the standard list by default.
     n_iter, n_queries, n_target_classes, apgd_restarts: the standard settings 100, 5000, 9, 1
@@ -195,10 +193,6 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
     common.check_choice("attack", a, ATTACKS)
   if len(set(attacks)) != len(attacks):
     raise ValueError(f"attacks {attacks} names an attack twice.")
-  linf_only = [a for a in attacks if a in ("fab", "fab-t", "square")]
-  if norm != "linf" and linf_only:
-    raise NotImplementedError(f"{', '.join(linf_only)} are implemented for norm='linf' only; "
-                              f"with norm={norm!r} run the APGD attacks alone.")
   common.check_positive_int("batch_size", batch_size)
   key, seed = _as_key(rng)
   mesh = mesh if mesh is not None else sharding.make_mesh()

@@ -1,4 +1,4 @@
-"""FAB (Fast Adaptive Boundary) attack, L-inf, targeted (FAB-T) and untargeted, in JAX.
+"""FAB (Fast Adaptive Boundary) attack, L-inf and L2, targeted (FAB-T) and untargeted, in JAX.
 
 Croce & Hein, "Minimally distorted adversarial examples with a fast adaptive
 boundary attack", ICML 2020 (Algorithm 1), as run by AutoAttack (Croce & Hein,
@@ -13,9 +13,10 @@ decision boundary between the label y and a class s,
   f_s(z) ~ f_s(x^(k)) + <grad f_s(x^(k)), z - x^(k)>,  f_s = z_s - z_y,
 
 with s the target class t (FAB-T) or the class whose linearised boundary is
-closest in L-inf, argmin_s |f_s| / ||grad f_s||_1 (untargeted). Let
-proj(p) be the minimal L-inf step d with p + d on that hyperplane and in
-[0, 1]^d (``projection_linf``), d1 = proj(x^(k)), d2 = proj(x), and
+closest, argmin_s |f_s| / ||grad f_s||_* (untargeted; ||.||_* the dual norm: L1
+for L-inf, L2 for L2). Let proj(p) be the minimal-norm step d with p + d on
+that hyperplane and in [0, 1]^d (``projection_linf``, ``projection_l2``),
+d1 = proj(x^(k)), d2 = proj(x), and
 
   alpha = min(max(||d1|| / (||d1|| + ||d2||), 0), alpha_max),
   x^(k+1) = clip((1 - alpha)(x^(k) + eta d1) + alpha (x + eta d2), 0, 1).
@@ -47,6 +48,42 @@ ModelFn = common.ModelFn
 NO_ADV = 1e10
 
 
+def _solve_breakpoints(weight: Array, brk: Array, need: Array, n_bisect: int) -> Array:
+  """Per row, lambda >= 0 with g(lambda) = sum_i weight_i min(lambda, brk_i) = need.
+
+  g is increasing and piecewise linear (weight, brk >= 0). ``n_bisect`` bisection steps on
+  lambda bracket the solution to float precision (no sort of the breakpoints, which is slow in
+  XLA), then lambda is solved for exactly on the linear piece above the bracket's lower end.
+  Rows with need >= g(inf) (the box does not reach the hyperplane) get max_i brk_i.
+  """
+  def g(lam):
+    return jnp.sum(weight * jnp.minimum(lam[:, None], brk), axis=1)
+
+  def bisect(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    below = g(mid) < need
+    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+  hi0 = jnp.max(jnp.where(weight > 0, brk, 0.0), axis=1)
+  lo, hi = jax.lax.fori_loop(0, n_bisect, bisect, (jnp.zeros_like(hi0), hi0))
+  free = brk > lo[:, None]                      # not yet at their bound on the final piece
+  fixed_sum = jnp.sum(jnp.where(free, 0.0, weight * brk), axis=1)
+  free_w = jnp.sum(jnp.where(free, weight, 0.0), axis=1)
+  lam = jnp.clip((need - fixed_sum) / jnp.where(free_w > 0, free_w, 1.0), lo, hi)
+  return jnp.where(need < jnp.sum(weight * brk, axis=1), lam, hi0)
+
+
+def _orient(points: Array, w: Array, b: Array) -> tuple[Array, Array]:
+  """(w, c): w's sign flipped per row so that c = <w, p> - b >= 0 (the decrease needed)."""
+  chex.assert_rank(points, 2)
+  chex.assert_equal_shape((points, w))
+  chex.assert_shape(b, points.shape[:1])
+  c = jnp.sum(w * points, axis=1) - b
+  sign = jnp.where(c >= 0, 1.0, -1.0).astype(w.dtype)
+  return w * sign[:, None], c * sign
+
+
 def projection_linf(points: Array, w: Array, b: Array, *, n_bisect: int = 32) -> Array:
   """Minimal L-inf step onto the hyperplane {z : <w, z> = b} inside the box [0, 1]^D.
 
@@ -56,49 +93,45 @@ def projection_linf(points: Array, w: Array, b: Array, *, n_bisect: int = 32) ->
   chosen so that <w, p> >= b, coordinate i moves towards its bound a_i (1 where w_i < 0, else
   0), by min(lambda, q_i) with q_i = |a_i - p_i|, and lambda solves
 
-      g(lambda) = sum_i |w_i| min(lambda, q_i) = <w, p> - b,
+      sum_i |w_i| min(lambda, q_i) = <w, p> - b
 
-  g being increasing and piecewise linear. The reference sorts the breakpoints q_i and bisects
-  over their ranks; here ``n_bisect`` bisection steps on lambda itself (no sort, which is slow
-  in XLA) bracket the solution to float precision, and lambda is then solved for exactly on
-  the linear piece above the bracket's lower end. Same result up to float round-off
-  (``projection_linf_sorted`` is the line-by-line port).
+  (``_solve_breakpoints``). The reference sorts the breakpoints q_i and bisects over their
+  ranks; same result up to float round-off (``projection_linf_sorted`` is the line-by-line
+  port).
 
   Args:
     points: [M, D] points p; w: [M, D] normals; b: [M] offsets.
   """
-  chex.assert_rank(points, 2)
-  chex.assert_equal_shape((points, w))
-  chex.assert_shape(b, points.shape[:1])
-  t = points
-  wt = jnp.sum(w * t, axis=1)
-  sign = jnp.where(wt - b >= 0, 1.0, -1.0).astype(w.dtype)
-  w = w * sign[:, None]
-  need = (wt - b) * sign                        # >= 0: the decrease of <w, .> needed
-  a = (w < 0).astype(t.dtype)
-  nonzero = (w != 0).astype(t.dtype)
-  q = a - t * (2 * a - 1)                       # distance to the bound a_i
-  aw = jnp.abs(w)
-  g_max = jnp.sum(aw * q, axis=1)               # the largest decrease inside the box
-  reachable = need < g_max
+  w, need = _orient(points, w, b)
+  a = (w < 0).astype(points.dtype)
+  q = a - points * (2 * a - 1)                  # distance to the bound a_i
+  lam = _solve_breakpoints(jnp.abs(w), q, need, n_bisect)
+  return (2 * a - 1) * jnp.minimum(lam[:, None], q) * (w != 0)
 
-  def g(lam):
-    return jnp.sum(aw * jnp.minimum(lam[:, None], q), axis=1)
 
-  def bisect(_, bounds):
-    lo, hi = bounds
-    mid = 0.5 * (lo + hi)
-    below = g(mid) < need
-    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+def projection_l2(points: Array, w: Array, b: Array, *, n_bisect: int = 32) -> Array:
+  """Minimal L2 step onto the hyperplane {z : <w, z> = b} inside the box [0, 1]^D.
 
-  hi0 = jnp.max(q * nonzero, axis=1)
-  lo, hi = jax.lax.fori_loop(0, n_bisect, bisect, (jnp.zeros_like(hi0), hi0))
-  free = q > lo[:, None]                        # not yet at their bound on the final piece
-  fixed_sum = jnp.sum(jnp.where(free, 0.0, aw * q), axis=1)
-  free_w = jnp.sum(jnp.where(free, aw, 0.0), axis=1)
-  lam = jnp.clip((need - fixed_sum) / jnp.where(free_w > 0, free_w, 1.0), lo, hi)
-  step = jnp.where(reachable[:, None], jnp.minimum(lam[:, None], q), q)
-  return (2 * a - 1) * step * nonzero
+  The problem of the reference's ``fab_projections.projection_l2``: with the sign of (w, b)
+  chosen so that <w, p> >= b, the step is d_i = -min(lambda, r_i) w_i, where r_i is where
+  coordinate i reaches its bound (p_i / w_i for w_i > 0, (p_i - 1) / w_i for w_i < 0) and lambda
+  solves
+
+      sum_i w_i^2 min(lambda, r_i) = <w, p> - b
+
+  (``_solve_breakpoints``; lambda = (<w, p> - b) / ||w||^2, the plain projection, when no
+  coordinate saturates). When the box does not reach the hyperplane every coordinate goes to
+  its bound. As in the reference, coordinates with |w_i| <= 1e-8 do not move.
+
+  Args:
+    points: [M, D] points p; w: [M, D] normals; b: [M] offsets.
+  """
+  w, need = _orient(points, w, b)
+  moves = jnp.abs(w) > 1e-8
+  safe_w = jnp.where(moves, w, 1.0)
+  r = jnp.where(moves, jnp.maximum(points / safe_w, (points - 1) / safe_w), 0.0)
+  lam = _solve_breakpoints(jnp.where(moves, w * w, 0.0), r, need, n_bisect)
+  return -jnp.minimum(lam[:, None], r) * w * moves
 
 
 def projection_linf_sorted(points: Array, w: Array, b: Array) -> Array:
@@ -163,14 +196,20 @@ def projection_linf_sorted(points: Array, w: Array, b: Array) -> Array:
   return d * nonzero
 
 
+PROJECTIONS = {"linf": projection_linf, "l2": projection_l2}
+#: The dual norm of each threat model (the distance to a linearised boundary is |f| / ||g||_*).
+_DUAL_NORM = {"linf": lambda g: jnp.sum(jnp.abs(g), axis=-1),
+              "l2": lambda g: jnp.sqrt(jnp.sum(g * g, axis=-1))}
+
+
 class FABRun(NamedTuple):
   """One FAB run (the reference's ``attack_single_run``), per example."""
   x_adv: Array   # [N, ...] the closest misclassified iterate (x where none)
-  dist: Array    # [N] its L-inf distance to x (NO_ADV where none)
+  dist: Array    # [N] its distance to x in the run's norm (NO_ADV where none)
 
 
-def _boundary(model_fn: ModelFn, x1: Array, y: Array,
-              targets: Array | None) -> tuple[Array, Array]:
+def _boundary(model_fn: ModelFn, x1: Array, y: Array, targets: Array | None,
+              norm: str = "linf") -> tuple[Array, Array]:
   """(f, grad f) of the boundary to attack at x1: f = z_t - z_y (targeted), else the class
   with the closest linearised boundary (the reference's ``get_diff_logits_grads_batch``)."""
   logits, vjp = jax.vjp(model_fn, x1)
@@ -188,7 +227,7 @@ def _boundary(model_fn: ModelFn, x1: Array, y: Array,
   jac_y = jnp.take_along_axis(jac, common.bcast(y, jac), axis=1)
   dg = jac - jac_y
   df = jnp.where(onehot_y > 0, NO_ADV, logits - z_y[:, None])
-  dist = jnp.abs(df) / (1e-12 + jnp.sum(jnp.abs(dg.reshape(dg.shape[:2] + (-1,))), axis=-1))
+  dist = jnp.abs(df) / (1e-12 + _DUAL_NORM[norm](dg.reshape(dg.shape[:2] + (-1,))))
   ind = jnp.argmin(dist, axis=1)
   f = jnp.take_along_axis(df, ind[:, None], axis=1)[:, 0]
   g = jnp.take_along_axis(dg, common.bcast(ind, dg), axis=1)[:, 0]
@@ -196,17 +235,17 @@ def _boundary(model_fn: ModelFn, x1: Array, y: Array,
 
 
 def fab_run(model_fn: ModelFn, x: Array, y: Array, x_start: Array, *, eps: float,
-            n_iter: int = 100, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-            targets: Array | None = None, active: Array | None = None,
+            norm: str = "linf", n_iter: int = 100, alpha_max: float = 0.1, eta: float = 1.05,
+            beta: float = 0.9, targets: Array | None = None, active: Array | None = None,
             early_stop: bool = True) -> FABRun:
-  """One FAB run of ``n_iter`` iterations from ``x_start`` (see the module doc; L-inf).
+  """One FAB run of ``n_iter`` iterations from ``x_start`` (see the module doc).
 
   ``targets`` [N] gives FAB-T, None the untargeted FAB (a full Jacobian per iteration). With
   ``early_stop`` the run ends once every ``active`` point has a misclassified iterate within eps
   (the reference keeps shrinking the distance; that cannot change which points are broken at
   eps, only how far inside the ball the returned example lies).
   """
-  common.check_common(x, y, eps=eps, norm="linf")
+  common.check_common(x, y, eps=eps, norm=norm)
   common.check_positive_int("n_iter", n_iter)
   chex.assert_equal_shape((x, x_start))
   active = common.active_mask(active, y)
@@ -216,18 +255,18 @@ def fab_run(model_fn: ModelFn, x: Array, y: Array, x_start: Array, *, eps: float
 
   def body(s):
     x1 = s["x1"]
-    f, g = _boundary(model_fn, x1, y, targets)
+    f, g = _boundary(model_fn, x1, y, targets, norm)
     w = common.flat(g)
     b = -f + jnp.sum(w * common.flat(x1), axis=1)
-    d3 = projection_linf(jnp.concatenate([common.flat(x1), x0], 0),
-                         jnp.concatenate([w, w], 0), jnp.concatenate([b, b], 0))
+    d3 = PROJECTIONS[norm](jnp.concatenate([common.flat(x1), x0], 0),
+                           jnp.concatenate([w, w], 0), jnp.concatenate([b, b], 0))
     d1, d2 = d3[:n].reshape(x.shape), d3[n:].reshape(x.shape)
-    a0 = jnp.maximum(jnp.max(jnp.abs(d3), axis=1), 1e-8)
+    a0 = jnp.maximum(common.lp_norm(d3, norm), 1e-8)
     a1, a2 = a0[:n], a0[n:]
     alpha = common.bcast(jnp.clip(a1 / (a1 + a2), 0.0, alpha_max), x)
     x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x + d2 * eta) * alpha, 0.0, 1.0)
     is_adv = common.predict(model_fn, x1) != y
-    dist = common.linf_norm(x1 - x)
+    dist = common.lp_norm(x1 - x, norm)
     closer = is_adv & (dist < s["dist"])
     return dict(
         i=s["i"] + 1,
@@ -247,23 +286,27 @@ def fab_run(model_fn: ModelFn, x: Array, y: Array, x_start: Array, *, eps: float
   return FABRun(x_adv=s["x_adv"], dist=s["dist"])
 
 
-def random_start(rng: Array, x: Array, *, eps: float) -> Array:
-  """The reference's random start of restarts > 0: clip(x + eps/2 * u / ||u||_inf, 0, 1)."""
-  u = jax.random.uniform(rng, x.shape, x.dtype, -1.0, 1.0)
-  return jnp.clip(x + 0.5 * eps * u / common.bcast(common.linf_norm(u), x), 0.0, 1.0)
+def random_start(rng: Array, x: Array, *, eps: float, norm: str = "linf") -> Array:
+  """The reference's random start of restarts > 0: clip(x + eps/2 * u / ||u||, 0, 1), with
+  u ~ U[-1, 1]^d (L-inf) or N(0, I) (L2)."""
+  if norm == "linf":
+    u = jax.random.uniform(rng, x.shape, x.dtype, -1.0, 1.0)
+  else:
+    u = jax.random.normal(rng, x.shape, x.dtype)
+  return jnp.clip(x + 0.5 * eps * u / common.bcast(common.lp_norm(u, norm), x), 0.0, 1.0)
 
 
 def fab(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
         norm: str = "linf", targeted: bool = True, n_iter: int = 100, n_restarts: int = 1,
         n_target_classes: int = 9, alpha_max: float = 0.1, eta: float = 1.05,
         beta: float = 0.9, active: Array | None = None, early_stop: bool = True) -> Array:
-  """FAB-T (``targeted``) or FAB: the reference's ``FABAttack.perturb`` (L-inf only).
+  """FAB-T (``targeted``) or FAB: the reference's ``FABAttack.perturb`` (L-inf or L2).
 
   FAB-T runs ``n_restarts`` times for each target class t(k) = the class with the k-th largest
   clean logit, k = 2 .. n_target_classes + 1 (capped at K); each run attacks the points still
   robust; restarts after the first start at ``random_start`` (AutoAttack's standard version uses
   one restart, so FAB-T is deterministic). A point is broken when the returned example is
-  misclassified and within eps.
+  misclassified and within eps (in ``norm``).
 
   Args:
     model_fn: x -> logits [N, K]; x: clean inputs in [0, 1], [N, ...]; y: int labels [N].
@@ -274,7 +317,7 @@ def fab(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
   Returns:
     x_adv [N, ...]: the closest adversarial example found for the broken points, x elsewhere.
   """
-  common.check_common(x, y, eps=eps, norm=norm, norms=("linf",))
+  common.check_common(x, y, eps=eps, norm=norm)
   for name, v in (("n_iter", n_iter), ("n_restarts", n_restarts),
                   ("n_target_classes", n_target_classes)):
     common.check_positive_int(name, v)
@@ -293,11 +336,11 @@ def fab(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
     targets = common.first_k_largest(clean_logits, ks[j // n_restarts]) if targeted else None
 
     def attack(_):
-      start = jnp.where(restart > 0, random_start(key, x, eps=eps), x)
-      run = fab_run(model_fn, x, y, start, eps=eps, n_iter=n_iter, alpha_max=alpha_max,
+      start = jnp.where(restart > 0, random_start(key, x, eps=eps, norm=norm), x)
+      run = fab_run(model_fn, x, y, start, eps=eps, norm=norm, n_iter=n_iter, alpha_max=alpha_max,
                     eta=eta, beta=beta, targets=targets, active=robust, early_stop=early_stop)
-      found = (common.predict(model_fn, run.x_adv) != y) & (common.linf_norm(run.x_adv - x)
-                                                            <= eps)
+      found = ((common.predict(model_fn, run.x_adv) != y)
+               & (common.lp_norm(run.x_adv - x, norm) <= eps))
       broken = robust & found
       return robust & ~broken, jnp.where(common.bcast(broken, x), run.x_adv, x_adv)
 
