@@ -409,6 +409,8 @@ def test_bad_arguments_are_refused(setup):
     aa.apgd(fn, x, y, key, eps=0.0)
   with pytest.raises(ValueError, match="norm"):
     aa.fab(fn, x, y, key, eps=EPS, norm="l1")
+  with pytest.raises(ValueError, match="at least 5 x 5"):
+    aa.square(fn, x[:, :4, :4], y, key, eps=EPS, norm="l2")
   with pytest.raises(ValueError, match="attack"):
     aa.run_standard(fn, setup["x"][:4], setup["y"][:4], 0, eps=EPS, batch_size=4,
                     attacks=("pgd",))

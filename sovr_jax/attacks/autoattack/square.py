@@ -163,6 +163,9 @@ def square(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
     raise ValueError(f"p_init must lie in (0, 1], got {p_init}.")
   x = jax.lax.stop_gradient(x)
   n, h, w, c = x.shape
+  if norm == "l2" and min(h, w) < 5:
+    raise ValueError(f"L2 Square starts from a 5 x 5 grid of tiles: images must be at least "
+                     f"5 x 5 pixels, got {h} x {w}.")
   sizes = square_sizes(n_queries, h, w, p_init=p_init, rescale_schedule=rescale_schedule,
                        norm=norm)
   if norm == "linf":
