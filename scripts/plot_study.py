@@ -24,8 +24,8 @@ LABELS = {"pgd_at": "PGD-AT", "sovr": "SOVR", "mail_at": "MAIL-AT", "gairat": "G
 
 
 def label(name: str, run: dict[str, Any]) -> str:
-  if name.startswith("sovr_rho"):
-    return f"SOVR (rho={run.get('ovr_fraction')})"
+  if name.startswith("sovr_rho"):  # the name's rho where the run has no report yet
+    return f"SOVR (rho={run.get('ovr_fraction') or name.removeprefix('sovr_rho')})"
   return LABELS.get(name, name)
 
 
