@@ -1,9 +1,9 @@
 """CIFAR-100, otherwise the default recipe. ``configs/cifar100.py:trades`` picks a method."""
 
-from configs import default
+from sovr_jax import default_config
 
 
 def get_config(method: str = "sovr"):
-  c = default.get_config(method)
+  c = default_config.get_config(method)
   c.data.name = "cifar100"
   return c

@@ -5,98 +5,14 @@
     python -m sovr_jax.main --config configs/default.py --config.method=mart \
         --config.train.epochs=5 --workdir runs/mart5
 
-The optional argument after ':' picks the method. Every other config in this
-folder starts from this one and overrides fields; unknown keys are refused.
-Recipe (../shared/docs/method.md): SGD, momentum 0.9, lr 0.1, weight decay 5e-4,
-batch 128, 110 epochs with lr x0.1 at epochs 100 and 105, pad-4 crop + flip,
-PGD-10 at eps 8/255 (step 2/255) with BatchNorm running statistics.
+Recipe (../shared/docs/method.md): SGD, momentum 0.9, lr 0.1, weight decay 5e-4, batch 128,
+110 epochs with lr x0.1 at epochs 100 and 105, pad-4 crop + flip, PGD-10 at eps 8/255 (step
+2/255) with BatchNorm running statistics. The fields and their defaults live in the package
+(``sovr_jax/default_config.py``), so that the library never imports this folder.
 """
 
-import ml_collections
+from sovr_jax import default_config
 
 
-def get_config(method: str = "sovr") -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.method = method or "sovr"
-  c.seed = 0
-  # Compute dtype of the model ("float32" or "bfloat16"); parameters, the
-  # optimizer and the losses are always float32.
-  c.precision = "float32"
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "cifar10"          # tfds: cifar10 | cifar100 | svhn_cropped | mnist; embedded:
-                                   # mnist5k | digits; image_folder: any label
-  c.data.source = "tfds"           # tfds | image_folder | embedded | synthetic (benchmarks)
-  c.data.data_dir = ""             # TFDS data_dir ("" = TFDS default).
-  c.data.path = ""                 # image_folder: folder or .tar.gz of split/class/*.jpg
-  c.data.cache_dir = ""            # decoded image-folder cache ("" = ~/.cache/sovr_jax).
-  c.data.val_size = 1000           # held out from train to choose checkpoints.
-  c.data.num_train = 0             # 0 = all (after the validation split).
-  c.data.num_test = 0              # 0 = all.
-  c.data.crop_pad = 4              # random crop after zero padding; 0 = off.
-  c.data.flip = True               # random horizontal flip.
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "preact_resnet18"  # preact_resnet18 | resnet18 | wrn34_10 | wrn28_10 | small_cnn
-  c.model.width = 1.0               # channel multiplier (tiny models for tests).
-
-  # The training attack.
-  c.attack = ml_collections.ConfigDict()
-  c.attack.norm = "linf"           # linf | l2
-  c.attack.eps = 8 / 255
-  c.attack.step_size = 2 / 255
-  c.attack.num_steps = 10
-  c.attack.init = "auto"           # auto (method's own) | uniform | normal | zero
-  # BatchNorm during the attack: "eval" = running statistics, no update
-  # (PyTorch model.eval(), the field's common choice); "batch" = batch
-  # statistics without update.
-  c.attack.bn_mode = "eval"
-
-  c.sovr = ml_collections.ConfigDict()
-  c.sovr.ovr_fraction = 0.4        # rho: fraction of each batch switched to OVR (the paper's;
-  #                                  the CPU-scale sweep of docs/results.md leans to 0.2 within noise).
-  c.sovr.margin_on = "adv"         # margins for the selection: adv | clean (open).
-  c.sovr.ovr_reduce = "sum"        # OVR over classes: sum | mean (open).
-
-  c.trades = ml_collections.ConfigDict()
-  c.trades.beta = 6.0
-
-  c.mart = ml_collections.ConfigDict()
-  c.mart.beta = 5.0                # 5 for ResNet-18, 6 for WRN (Wang et al.).
-
-  c.mail = ml_collections.ConfigDict()
-  c.mail.bias = -1.5
-  c.mail.slope = 1.0
-  c.mail.beta = 6.0                # MAIL-TRADES's KL weight.
-  c.mail.start_epoch = -1          # -1 = 75 % of train.epochs (75 of 100 in MAIL).
-
-  c.gairat = ml_collections.ConfigDict()
-  c.gairat.lam = -1.0
-  c.gairat.start_epoch = -1        # -1 = 50 % of train.epochs (60 of 120 in GAIRAT).
-
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 128         # global batch, split over all devices.
-  c.train.epochs = 110
-  c.train.lr = 0.1
-  c.train.momentum = 0.9
-  c.train.nesterov = False
-  c.train.weight_decay = 5e-4
-  c.train.schedule = "piecewise"   # piecewise | cosine | constant
-  c.train.lr_boundaries = (100, 105)  # epochs, for piecewise.
-  c.train.lr_decay = 0.1
-  c.train.warmup_epochs = 0
-  c.train.log_every_steps = 50
-  c.train.steps_per_dispatch = 1   # >1: that many steps per jit call (lax.scan).
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_epochs = 1          # validation clean + PGD-20 (chooses the best checkpoint).
-  c.eval.batch_size = 500
-  c.eval.pgd_steps = 20
-  c.eval.step_size = 0.0           # 0 = eps / 4 (2/255 at 8/255).
-  c.eval.cw_steps = 20
-  c.eval.margin_examples = 2000    # training examples for the margin histogram.
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_epochs = 1
-  c.checkpoint.keep = 2            # latest checkpoints kept (>= 2 allows falling back).
-  return c
+def get_config(method: str = "sovr"):
+  return default_config.get_config(method)

@@ -1,10 +1,10 @@
 """MNIST with TRADES's SmallCNN at eps 0.3 (step 0.01, 40 steps)."""
 
-from configs import default
+from sovr_jax import default_config
 
 
 def get_config(method: str = "sovr"):
-  c = default.get_config(method)
+  c = default_config.get_config(method)
   c.data.name = "mnist"
   c.data.crop_pad = 0
   c.data.flip = False

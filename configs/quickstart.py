@@ -9,11 +9,11 @@ about 0.10 under AutoAttack); at 0.1 the short budget defends for real.
 The same run with ``--config.method=standard`` is the undefended baseline.
 """
 
-from configs import default
+from sovr_jax import default_config
 
 
 def get_config(method: str = "sovr"):
-  c = default.get_config(method)
+  c = default_config.get_config(method)
   c.data.name = "mnist5k"
   c.data.source = "embedded"
   c.data.val_size = 500            # 3,500 train / 500 val / 1,000 test.

@@ -1,10 +1,10 @@
 """SVHN (svhn_cropped): the common PGD-AT setting uses step 1/255 and lr 0.01."""
 
-from configs import default
+from sovr_jax import default_config
 
 
 def get_config(method: str = "sovr"):
-  c = default.get_config(method)
+  c = default_config.get_config(method)
   c.data.name = "svhn_cropped"
   c.data.flip = False              # digits are not mirror-symmetric.
   c.attack.step_size = 1 / 255

@@ -33,13 +33,13 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from sovr_jax import data, jsonio, models, sharding, train
+from sovr_jax import data, default_config, jsonio, models, sharding, train
 
 
 def _bench_config(method: str, arch: str, width: float, batch: int, precision: str,
-                  num_steps: int, steps_per_dispatch: int):
-  from configs import default  # pylint: disable=g-import-not-at-top
-  cfg = default.get_config(method)
+                  num_steps: int, steps_per_dispatch: int, clean_metric: bool = True):
+  cfg = default_config.get_config(method)
+  cfg.train.clean_acc_metric = clean_metric
   cfg.model.name, cfg.model.width, cfg.precision = arch, width, precision
   cfg.train.batch_size = batch
   cfg.train.steps_per_dispatch = steps_per_dispatch
@@ -113,14 +113,15 @@ def _timed(fn: Callable[[], Any], *, iters: int, repeats: int, warmup: int = 2) 
 def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: str,
               num_steps: int, steps_per_dispatch: int, iters: int, repeats: int,
               image_shape=(32, 32, 3), num_classes: int = 10,
-              host_batches: bool = False) -> dict[str, Any]:
+              host_batches: bool = False, clean_metric: bool = True) -> dict[str, Any]:
   """Images/s of the jitted train step (the same step the trainer runs).
 
   host_batches=True also assembles every batch on the host from a uint8 data
   set (numpy gather + transfer, as the training loop does), to show whether the
   input pipeline costs anything next to the step.
   """
-  cfg = _bench_config(method, arch, width, batch, precision, num_steps, steps_per_dispatch)
+  cfg = _bench_config(method, arch, width, batch, precision, num_steps, steps_per_dispatch,
+                      clean_metric)
   mesh = sharding.make_mesh()
   dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
   model = models.get_model(arch, num_classes=num_classes, width=width, dtype=dtype,
@@ -156,11 +157,13 @@ def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: st
 
   sec = _timed(one, iters=max(1, iters // k), repeats=repeats)
   ips = batch * k / sec
+  # Forward equivalents per image (backward = 2 forwards): K attack steps of forward +
+  # input gradient, the training forward + backward, and the metric's clean forward.
+  passes = 2 * num_steps + 2 + (1 if clean_metric else 0)
   return {"framework": "jax", "method": method, "arch": arch, "width": width, "batch": batch,
           "precision": precision, "attack_steps": num_steps, "steps_per_dispatch": k,
-          "host_batches": host_batches, "images_per_s": ips,
-          "gflop_per_image": flops * (2 * num_steps + 3) / 1e9,
-          "tflops": ips * flops * (2 * num_steps + 3) / 1e12}
+          "host_batches": host_batches, "clean_acc_metric": clean_metric, "images_per_s": ips,
+          "gflop_per_image": flops * passes / 1e9, "tflops": ips * flops * passes / 1e12}
 
 
 def bench_epoch(arch: str, *, width: float, batch: int, precision: str, num_steps: int,
@@ -178,7 +181,7 @@ def bench_epoch(arch: str, *, width: float, batch: int, precision: str, num_step
   cfg = _bench_config("pgd_at", arch, width, batch, precision, num_steps, 1)
   cfg.data.source, cfg.data.name, cfg.data.val_size = "synthetic", "cifar10", 0
   cfg.data.num_train, cfg.data.num_test = num_images, batch
-  cfg.train.epochs = 2
+  cfg.train.epochs, cfg.train.lr_boundaries = 2, ()
   cfg.eval.every_epochs, cfg.eval.pgd_steps, cfg.eval.cw_steps = 0, 1, 1
   cfg.eval.margin_examples = batch
   with tempfile.TemporaryDirectory() as workdir:
@@ -274,6 +277,9 @@ def main(argv=None):
   p.add_argument("--methods", default="pgd_at,sovr,trades,mart,mail_at,gairat")
   p.add_argument("--dispatch", default="1", help="steps per dispatch (lax.scan), e.g. 1,4")
   p.add_argument("--attack_steps", type=int, default=10)
+  p.add_argument("--clean_metric", default="on",
+                 help="on,off: the step with and without its clean_acc metric (an eval-mode "
+                      "forward; train.clean_acc_metric), side by side")
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--torch", default="float32,amp", help="PyTorch variants ('' = none)")
@@ -291,7 +297,6 @@ def main(argv=None):
   if a.cpu_smoke:
     a.width, a.batches, a.attack_steps, a.iters, a.repeats = 0.0625, "32", 2, 2, 2
     a.precisions, a.dispatch, a.epoch_images = "float32", "1,2", 256
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   dev = jax.devices()[0]
   peak_dtype = jnp.bfloat16 if dev.platform != "cpu" else jnp.float32
   peak = matmul_peak(peak_dtype)
@@ -328,13 +333,14 @@ def main(argv=None):
       for precision in a.precisions.split(","):
         for k in [int(d) for d in a.dispatch.split(",")]:
           for method in [m for m in a.methods.split(",") if m]:
-            r = bench_jax(method, arch, width=a.width, batch=batch, precision=precision,
-                          num_steps=a.attack_steps, steps_per_dispatch=k, iters=a.iters,
-                          repeats=a.repeats)
-            r["fraction_of_peak"] = r["tflops"] / peak
-            if (arch, batch) in torch_ref:
-              r["ratio_vs_torch_eager_f32"] = r["images_per_s"] / torch_ref[(arch, batch)]
-            emit(r)
+            for clean in [c == "on" for c in a.clean_metric.split(",")]:
+              r = bench_jax(method, arch, width=a.width, batch=batch, precision=precision,
+                            num_steps=a.attack_steps, steps_per_dispatch=k, iters=a.iters,
+                            repeats=a.repeats, clean_metric=clean)
+              r["fraction_of_peak"] = r["tflops"] / peak
+              if (arch, batch) in torch_ref:
+                r["ratio_vs_torch_eager_f32"] = r["images_per_s"] / torch_ref[(arch, batch)]
+              emit(r)
         if a.host_batches:
           r = bench_jax("pgd_at", arch, width=a.width, batch=batch, precision=precision,
                         num_steps=a.attack_steps, steps_per_dispatch=1, iters=a.iters,

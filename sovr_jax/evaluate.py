@@ -16,6 +16,8 @@ import numpy as np
 from sovr_jax import attacks, augment, losses, sharding
 
 Array = jax.Array
+UPPER_BOUND_NOTE = ("PGD-20 and CW-20 accuracies are upper bounds on robust accuracy; the "
+                    "robustness figure is AutoAttack's (python -m sovr_jax.autoattack_eval).")
 
 
 def model_fn_eval(model: Any, variables: Any, dtype: Any = None) -> Callable[[Array], Array]:
@@ -60,15 +62,15 @@ class Evaluator:
   ``Evaluator(...)(variables, images, labels, seed=0)`` returns accuracies on
   (images, labels): clean, PGD-``pgd_steps`` and CW-``cw_steps`` (upper bounds
   on robust accuracy). The last batch is padded and the padding ignored, so
-  every example counts once.
+  every example counts once. With ``desc``, a progress bar (process 0) counts the batches.
   """
 
   def __init__(self, model: Any, *, mesh: jax.sharding.Mesh, eps: float,
                step_size: float, norm: str = "linf", pgd_steps: int = 20,
-               cw_steps: int = 20, batch_size: int = 500):
+               cw_steps: int = 20, batch_size: int = 500, desc: str | None = None):
     attacks.check_attack_args(eps=eps, step_size=step_size, num_steps=pgd_steps, norm=norm)
     sharding.check_batch_size(batch_size, mesh, "eval.batch_size")
-    self.mesh, self.batch_size = mesh, batch_size
+    self.mesh, self.batch_size, self.desc = mesh, batch_size, desc
     step = make_eval_step(model, eps=eps, step_size=step_size, norm=norm,
                           pgd_steps=pgd_steps, cw_steps=cw_steps)
     rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -84,7 +86,11 @@ class Evaluator:
     results: dict[str, list[np.ndarray]] = {}
     base = jax.random.PRNGKey(seed)
     bs = self.batch_size
-    for b, start in enumerate(range(0, n, bs)):
+    starts = range(0, n, bs)
+    if self.desc and jax.process_index() == 0:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      starts = tqdm(starts, desc=self.desc, unit="batch", leave=False, mininterval=2.0)
+    for b, start in enumerate(starts):
       idx = np.arange(start, start + bs) % n
       x, y = sharding.global_batch((images[idx], labels[idx]), self.mesh)
       out = jax.device_get(self._step(variables, x, y, jax.random.fold_in(base, b)))
@@ -95,3 +101,20 @@ class Evaluator:
     out = {"n": n, "pgd_margins": res.pop("pgd_margin")}
     out.update({f"{k}_acc": float(v.mean()) for k, v in res.items()})
     return out
+
+
+def upper_bounds(model: Any, variables: Any, x: np.ndarray, labels: np.ndarray, *,
+                 eps: float, norm: str, seed: int, batch_size: int, step_size: float = 0.0,
+                 mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+  """The JAX model's clean, PGD-20 and CW-20 accuracies on float images ``x`` in [0, 1]
+  (UPPER BOUNDS on robust accuracy, for the same points as an AutoAttack run); the step is
+  ``step_size`` or eps / 4."""
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  step = step_size or eps / 4
+  bs = sharding.round_to_devices(min(batch_size, len(labels)), mesh)
+  images = np.clip(np.round(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)
+  r = Evaluator(model, mesh=mesh, eps=eps, step_size=step, norm=norm, pgd_steps=20,
+                cw_steps=20, batch_size=bs, desc="PGD-20 / CW-20")(
+                    variables, images, np.asarray(labels, np.int32), seed=seed)
+  return {"clean_acc": r["clean_acc"], "pgd20_acc": r["pgd_acc"], "cw20_acc": r["cw_acc"],
+          "step_size": step, "n": r["n"], "note": UPPER_BOUND_NOTE}

@@ -1,27 +1,72 @@
-"""Writing JSON results so that a crash never leaves a half-written file."""
+"""Writing result files: strict JSON (no NaN tokens), never a half-written file, and the
+checksum recorded beside exported weights."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 
+def sha256(path: str) -> str:
+  """The SHA-256 of a file, read in 1 MiB chunks (recorded next to exported weights)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
 def to_jsonable(o: Any) -> Any:
-  """``json.dump`` default for numpy scalars and arrays (anything else: ``str``)."""
-  if isinstance(o, (np.floating, np.integer, np.bool_)):
-    return o.item()
+  """A JSON value for ``o``: numpy scalars and arrays as Python numbers and lists, tuples as
+  lists, non-finite floats as None (strict JSON has no NaN or Infinity), anything else
+  unknown as ``str``."""
+  if isinstance(o, dict):
+    return {str(k): to_jsonable(v) for k, v in o.items()}
+  if isinstance(o, (list, tuple)):
+    return [to_jsonable(v) for v in o]
   if isinstance(o, np.ndarray):
-    return o.tolist()
+    return to_jsonable(o.tolist())
+  if isinstance(o, (np.floating, np.integer, np.bool_)):
+    o = o.item()
+  if isinstance(o, float):
+    return o if math.isfinite(o) else None
+  if o is None or isinstance(o, (str, int, bool)):
+    return o
+  if hasattr(o, "__array__") and hasattr(o, "shape"):  # jax arrays
+    return to_jsonable(np.asarray(o))
   return str(o)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes ``obj`` to ``path`` through a temporary file and ``os.replace``."""
+def dumps(obj: Any, **kwargs) -> str:
+  return json.dumps(to_jsonable(obj), allow_nan=False, **kwargs)
+
+
+def _write_atomic(path: str, text: str) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=to_jsonable)
-    f.write("\n")
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes ``obj`` as strict JSON to ``path`` through a temporary file and ``os.replace``."""
+  _write_atomic(path, dumps(obj, indent=1) + "\n")
+
+
+def write_jsonl_atomic(path: str, records: Iterable[Any]) -> None:
+  """Rewrites a JSON-lines file atomically."""
+  _write_atomic(path, "".join(dumps(r) + "\n" for r in records))
+
+
+def append_jsonl(path: str, record: Any) -> None:
+  """Appends one strict-JSON line (a crash can tear only this line, which readers skip)."""
+  with open(path, "a") as f:
+    f.write(dumps(record) + "\n")
+    f.flush()

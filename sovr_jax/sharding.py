@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sovr_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -48,8 +50,21 @@ def batch_sharded(mesh: jax.sharding.Mesh, batch_axis: int = 0) -> NamedSharding
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> None:
   n = mesh.devices.size
   if batch_size % n:
-    raise ValueError(f"{what}={batch_size} must be divisible by the number of devices ({n}); "
+    raise ConfigError(f"{what}={batch_size} must be divisible by the number of devices ({n}); "
                      f"use a multiple of {n}.")
+
+
+def sync_processes(name: str) -> None:
+  """A barrier across processes (a no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def round_to_devices(batch_size: int, mesh: jax.sharding.Mesh) -> int:
+  """``batch_size`` rounded down to a multiple of the device count (at least one per device)."""
+  n = mesh.devices.size
+  return max(n, batch_size - batch_size % n)
 
 
 def _env_int(name: str) -> int | None:

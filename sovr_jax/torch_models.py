@@ -28,8 +28,10 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
+
+from sovr_jax.errors import ConfigError
 
 #: Architectures with a PyTorch twin (the names of ``sovr_jax.models.MODELS``).
 ARCHITECTURES = ("preact_resnet18", "resnet18", "wrn34_10", "wrn28_10", "small_cnn")
@@ -93,7 +95,10 @@ class _Normalized(nn.Module):
     if not torch.is_floating_point(x):
       raise ValueError(f"model input must be a floating-point image in [0, 1]; got dtype "
                        f"{x.dtype} (divide uint8 images by 255).")
-    return (x.to(self.mean.dtype) - self.mean) / self.std
+    # NCHW-contiguous from here on: a channels-last strided input (e.g. an NHWC array
+    # permuted) sends torch 2.13's oneDNN convolution backward into a heap corruption on some
+    # CPUs ("double free or corruption", seen with AVX2), so it is never passed on.
+    return ((x.to(self.mean.dtype) - self.mean) / self.std).contiguous()
 
 
 class PreActBlock(nn.Module):
@@ -289,7 +294,7 @@ class SmallCNN(_Normalized):
 def check_architecture(name: str) -> None:
   """Raises ValueError if ``name`` has no PyTorch twin, listing the known architectures."""
   if name not in ARCHITECTURES:
-    raise ValueError(f"Unknown architecture {name!r}; known architectures: "
+    raise ConfigError(f"Unknown architecture {name!r}; known architectures: "
                      f"{', '.join(ARCHITECTURES)}.")
 
 

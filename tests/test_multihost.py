@@ -71,7 +71,8 @@ def _worker(argv: list[str]) -> None:
   sys.path.insert(0, REPO)
   import jax  # pylint: disable=import-outside-toplevel
   from absl import app  # pylint: disable=import-outside-toplevel
-  from sovr_jax import checkpoint, experiment  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from sovr_jax import checkpoint, experiment, metric_writers
   from sovr_jax import main as main_lib  # pylint: disable=import-outside-toplevel
 
   def path(kind: str) -> str:
@@ -85,7 +86,7 @@ def _worker(argv: list[str]) -> None:
     np.savez(path("state.npz"), **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
     return save(self, state, meta, best=best)
 
-  write = experiment._MetricsWriter.write  # pylint: disable=protected-access
+  write = metric_writers.MetricWriter.write
 
   def recording_write(self, record):
     with open(path("metrics.jsonl"), "a") as f:
@@ -105,7 +106,7 @@ def _worker(argv: list[str]) -> None:
     return report
 
   checkpoint.Checkpointer.save = recording_save
-  experiment._MetricsWriter.write = recording_write  # pylint: disable=protected-access
+  metric_writers.MetricWriter.write = recording_write
   experiment.train_and_evaluate = recording_train_and_evaluate
   app.run(main_lib.main, argv=["sovr_jax.main"] + main_argv)
 

@@ -98,20 +98,41 @@ def test_sgd_matches_torch():
   np.testing.assert_allclose(p, tw.detach().numpy(), rtol=1e-6, atol=1e-7)
 
 
-def test_piecewise_and_cosine_schedules():
+# lr = 0.2, 10 steps per epoch, 8 epochs, x0.1 at epochs 6 and 7 (absolute), warm-up 0 or 1
+# epoch: {step: lr}, written by hand from the formulas in train.make_schedule's docstring.
+_SCHEDULE_TABLE = {
+    ("piecewise", 0): {0: 0.2, 59: 0.2, 60: 0.02, 69: 0.02, 70: 0.002, 79: 0.002},
+    ("piecewise", 1): {0: 0.0, 5: 0.1, 9: 0.18, 10: 0.2, 59: 0.2, 60: 0.02, 69: 0.02,
+                       70: 0.002, 79: 0.002},
+    ("cosine", 0): {0: 0.2, 20: 0.1 * (1 + np.cos(np.pi / 4)), 40: 0.1, 80: 0.0},
+    ("cosine", 1): {0: 0.0, 5: 0.1, 10: 0.2, 45: 0.1, 80: 0.0},
+    ("constant", 0): {0: 0.2, 40: 0.2, 79: 0.2},
+    ("constant", 1): {0: 0.0, 5: 0.1, 10: 0.2, 79: 0.2},
+}
+
+
+@pytest.mark.parametrize("kind,warmup", sorted(_SCHEDULE_TABLE))
+def test_schedule_against_a_table_written_by_hand(kind, warmup):
   cfg = tiny.get_config()
-  cfg.train.lr, cfg.train.epochs, cfg.train.lr_boundaries = 0.1, 10, (5, 8)
+  cfg.train.update(lr=0.2, epochs=8, schedule=kind, lr_boundaries=(6, 7), lr_decay=0.1,
+                   warmup_epochs=warmup)
+  config_lib.validate(cfg)
   s = train.make_schedule(cfg, steps_per_epoch=10)
-  assert float(s(49)) == pytest.approx(0.1)
-  assert float(s(50)) == pytest.approx(0.01)
-  assert float(s(80)) == pytest.approx(0.001)
-  cfg.train.schedule = "cosine"
-  s = train.make_schedule(cfg, steps_per_epoch=10)
-  assert float(s(0)) == pytest.approx(0.1)
-  assert float(s(100)) == pytest.approx(0.0, abs=1e-7)
-  cfg.train.warmup_epochs = 1
-  s = train.make_schedule(cfg, steps_per_epoch=10)
-  assert float(s(0)) == 0.0 and float(s(10)) == pytest.approx(0.1)
+  for step, lr in _SCHEDULE_TABLE[(kind, warmup)].items():
+    assert float(s(step)) == pytest.approx(lr, abs=1e-7), (kind, warmup, step)
+
+
+def test_the_study_schedule_reaches_its_last_step():
+  """configs/study.py (gpu): 1 warm-up epoch, x0.1 at epochs 6 and 7 of 8. The last epoch
+  trains at 0.2 * 0.01 (with optax.join_schedules the boundaries moved one epoch later)."""
+  from configs import study  # pylint: disable=import-outside-toplevel
+  cfg = study.get_config("pgd_at,gpu")
+  spe = 49000 // cfg.train.batch_size
+  s = train.make_schedule(cfg, spe)
+  assert float(s(6 * spe - 1)) == pytest.approx(0.2)
+  assert float(s(6 * spe)) == pytest.approx(0.02)
+  assert float(s(7 * spe)) == pytest.approx(0.002)
+  assert float(s(8 * spe - 1)) == pytest.approx(0.002)
 
 
 def test_step_is_deterministic_and_folds_the_step_into_the_rng():
@@ -127,11 +148,17 @@ def test_step_is_deterministic_and_folds_the_step_into_the_rng():
 _SHARDED_SCRIPT = r"""
 import os, json, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, {repo!r})
 import jax, numpy as np
 from tests.test_train import _setup
 from sovr_jax import sharding, train
-out = {{}}
+from sovr_jax.errors import ConfigError
+out = {{"devices": [str(d) for d in jax.devices()]}}
+try:
+    sharding.check_batch_size(12, sharding.make_mesh(), "train.batch_size")
+except ConfigError as e:
+    out["indivisible"] = str(e)
 for n in (1, 8):
     mesh = sharding.make_mesh(jax.devices()[:n])
     cfg, state, step, batch = _setup("sovr", model_name="preact_resnet18", batch=16,
@@ -158,7 +185,11 @@ def test_sharded_step_on_8_devices_matches_1_device():
                         cwd=REPO, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  assert len(out["devices"]) == 8 and all("cpu" in d.lower() for d in out["devices"]), out
+  assert "train.batch_size=12 must be divisible by the number of devices (8)" in \
+      out["indivisible"]
   one, eight = out["1"], out["8"]
+  assert eight["shards"] == 8
   for m1, m8 in zip(one["metrics"], eight["metrics"]):
     for k in m1:
       np.testing.assert_allclose(m8[k], m1[k], rtol=2e-4, atol=1e-5, err_msg=k)
@@ -166,14 +197,6 @@ def test_sharded_step_on_8_devices_matches_1_device():
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
   for a, b in zip(one["stats"], eight["stats"]):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
-
-
-def test_batch_not_divisible_by_devices():
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(8, mesh, "train.batch_size")
-  if mesh.devices.size > 1:
-    with pytest.raises(ValueError, match="train.batch_size"):
-      sharding.check_batch_size(mesh.devices.size + 1, mesh, "train.batch_size")
 
 
 def test_multi_step_dispatch_equals_single_steps():
@@ -199,3 +222,148 @@ def test_multi_step_dispatch_equals_single_steps():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="steps_per_dispatch"):
     train.make_multi_step(step, 0)
+
+
+@pytest.mark.parametrize("method", ["mail_at", "gairat"])
+def test_reweighting_is_off_before_its_start_epoch_and_on_after(method):
+  """Before the start epoch MAIL-AT and GAIRAT are PGD-AT (same attack, same loss); from it
+  on their weights change the loss. (A mean weight alone cannot tell: GAIRAT normalises it
+  to 1.)"""
+  start = {f"{s}__start_epoch": 1 for s in ("mail", "gairat")}
+  _, state, step, batch = _setup(method, model_name="preact_resnet18", batch=16,
+                                 model__width=0.0625, **start)
+  _, _, pgd_step, _ = _setup("pgd_at", model_name="preact_resnet18", batch=16,
+                             model__width=0.0625, **start)
+  step, pgd_step = jax.jit(step), jax.jit(pgd_step)
+  rng = jax.random.PRNGKey(2)
+  for s, active in ((2, False), (5, True)):  # 4 steps per epoch: epoch 0, then epoch 1
+    at = state.replace(step=jnp.asarray(s, jnp.int32))
+    _, m = step(at, batch, rng)
+    _, ref = pgd_step(at, batch, rng)
+    if active:
+      assert abs(float(m["loss"]) - float(ref["loss"])) > 1e-4, (method, s)
+    else:
+      np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-6, err_msg=f"{method} {s}")
+      assert float(m["weight"]) == 1.0
+
+
+def _replica_attack(model, variables, x, labels, *, eps, objective):
+  """One FGSM step from x (init zero, step eps, L-inf), written out: the attack the train
+  step runs with attack.init=zero, num_steps=1, step_size=eps, BatchNorm running stats."""
+  from sovr_jax import losses  # pylint: disable=import-outside-toplevel
+  clean = model.apply(variables, x, train=False)
+
+  def objective_fn(xa):
+    z = model.apply(variables, xa, train=False)
+    if objective == "kl":
+      return jnp.sum(losses.kl_divergence(clean, z))
+    return jnp.sum(losses.cross_entropy(z, labels))
+  g = jax.grad(objective_fn)(x)
+  return jnp.clip(x + jnp.clip(eps * jnp.sign(g), -eps, eps), 0.0, 1.0)
+
+
+@pytest.mark.parametrize("method", ["trades", "mart", "mail_trades"])
+def test_clean_term_gradients_match_the_formula(method):
+  """The update of one plain-SGD step (lr 1, no momentum or weight decay) equals minus the
+  gradient of the method's formula, computed here from the formula itself, through both the
+  clean and the adversarial logits (a stop_gradient on the clean logits fails this).
+
+  MART: one FGSM step (replicated here). TRADES and MAIL-TRADES: eps = 0, so x' = x and the
+  whole gradient is the clean CE's (the KL attack's sign of a round-off-sized gradient could
+  not be replicated)."""
+  from sovr_jax import losses  # pylint: disable=import-outside-toplevel
+  eps = 0.1 if method == "mart" else 0.0
+  cfg, state, step, (images, labels) = _setup(
+      method, model_name="preact_resnet18", batch=8, model__width=0.0625, attack__eps=eps,
+      attack__step_size=eps, attack__num_steps=1, attack__init="zero", data__crop_pad=0,
+      data__flip=False, train__lr=1.0, train__momentum=0.0, train__weight_decay=0.0,
+      train__schedule="constant", mail__start_epoch=0)
+  new_state, _ = jax.jit(step)(state, (images, labels), jax.random.PRNGKey(0))
+  model = models.get_model("preact_resnet18", num_classes=10, width=0.0625, mean=(0.5,),
+                           std=(0.25,))
+  x = images.astype(np.float32) / 255.0
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  objective = "kl" if method in ("trades", "mail_trades") else "ce"
+  x_adv = _replica_attack(model, variables, x, labels, eps=eps, objective=objective)
+
+  def formula(params):
+    v = {"params": params, "batch_stats": state.batch_stats}
+    zc = model.apply(v, x, train=True, mutable=["batch_stats"])[0]
+    za = model.apply(v, x_adv, train=True, mutable=["batch_stats"])[0]
+    if method == "trades":
+      per = losses.trades(zc, za, labels, beta=cfg.trades.beta)
+    elif method == "mart":
+      per = losses.mart(zc, za, labels, beta=cfg.mart.beta)
+    else:
+      w = jax.lax.stop_gradient(losses.mail_weights(za, labels, bias=cfg.mail.bias,
+                                                    slope=cfg.mail.slope))
+      per = losses.cross_entropy(zc, labels) + cfg.mail.beta * w * losses.kl_divergence(zc, za)
+    return jnp.mean(per)
+
+  want = jax.grad(formula)(state.params)
+  got = jax.tree.map(lambda a, b: a - b, state.params, new_state.params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-6)
+
+
+def test_bfloat16_step_keeps_float32_parameters_statistics_and_optimizer():
+  """precision=bfloat16 computes in bf16; parameters, BatchNorm statistics and the optimizer
+  state stay float32, and two steps point where the float32 ones do (eps = 0 here: the
+  sign of a PGD gradient turns bf16 round-off into a different attack)."""
+  out = {}
+  for precision in ("float32", "bfloat16"):
+    cfg = tiny.get_config("pgd_at")
+    cfg.model.name, cfg.model.width, cfg.precision = "preact_resnet18", 0.0625, precision
+    cfg.train.batch_size = 16
+    cfg.attack.eps = 0.0
+    config_lib.validate(cfg)
+    dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+    model = models.get_model("preact_resnet18", num_classes=10, width=0.0625, dtype=dtype,
+                             mean=(0.5,), std=(0.25,))
+    schedule = train.make_schedule(cfg, steps_per_epoch=4)
+    state = train.create_train_state(jax.random.PRNGKey(0), model, (16, 16, 3),
+                                     train.make_optimizer(cfg, schedule))
+    step = jax.jit(train.make_train_step(cfg, steps_per_epoch=4, schedule=schedule))
+    rng = np.random.default_rng(0)
+    batch = (rng.integers(0, 256, (16, 16, 16, 3)).astype(np.uint8),
+             rng.integers(0, 10, 16).astype(np.int32))
+    params0 = state.params
+    for _ in range(2):
+      state, m = step(state, batch, jax.random.PRNGKey(1))
+    out[precision] = (state, m, jax.tree.map(lambda a, b: a - b, state.params, params0))
+  state, m, update = out["bfloat16"]
+  for tree in (state.params, state.batch_stats, state.opt_state):
+    for leaf in jax.tree.leaves(tree):
+      if jnp.issubdtype(leaf.dtype, jnp.floating):
+        assert leaf.dtype == jnp.float32, leaf.dtype
+  _, ref_m, ref_update = out["float32"]
+  np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=5e-2)
+  a, b = (jnp.concatenate([x.ravel() for x in jax.tree.leaves(u)]) for u in (update, ref_update))
+  cosine = float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+  assert cosine > 0.9, cosine
+
+
+def test_dropping_the_clean_acc_metric_removes_a_forward_and_changes_nothing_else():
+  """train.clean_acc_metric=False: the same update, the metric left out, and one eval-mode
+  forward fewer in the compiled step (XLA drops the unused forward)."""
+  out = {}
+  for flag in (True, False):
+    cfg, state, step, batch = _setup("pgd_at", model_name="preact_resnet18", batch=8,
+                                     model__width=0.0625, train__clean_acc_metric=flag)
+    fn = jax.jit(step)
+    flops = fn.lower(state, batch, jax.random.PRNGKey(0)).compile().cost_analysis()
+    flops = (flops[0] if isinstance(flops, (list, tuple)) else flops)["flops"]
+    new, m = fn(state, batch, jax.random.PRNGKey(0))
+    out[flag] = (flops, new, jax.device_get(m))
+  (f_on, s_on, m_on), (f_off, s_off, m_off) = out[True], out[False]
+  assert "clean_acc" in m_on and "clean_acc" not in m_off
+  assert m_on["loss"] == m_off["loss"]
+  for a, b in zip(jax.tree.leaves(s_on.params), jax.tree.leaves(s_off.params)):
+    np.testing.assert_array_equal(a, b)
+  model = models.get_model("preact_resnet18", num_classes=10, width=0.0625, mean=(0.5,),
+                           std=(0.25,))
+  fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+      {"params": s_on.params, "batch_stats": s_on.batch_stats},
+      jnp.zeros((8, 16, 16, 3))).compile().cost_analysis()
+  fwd = (fwd[0] if isinstance(fwd, (list, tuple)) else fwd)["flops"]
+  assert f_on - f_off == pytest.approx(fwd, rel=0.1), (f_on, f_off, fwd)

@@ -1,0 +1,139 @@
+"""Statistics of the study: margin summaries, and paired comparisons of two methods.
+
+* ``margin_statistics``: the figures docs/results.md quotes for a margin histogram (spread,
+  fraction near zero, mean of SOVR's switched set), each with a bootstrap standard error.
+* ``mcnemar``: McNemar's exact test on per-point robust flags of two models on the same test
+  points (the two-sided binomial test on the discordant pairs).
+* ``paired_bootstrap``: the difference of two accuracies on the same points with a
+  percentile bootstrap interval that resamples points (stratified by seed when pooled).
+* ``mean_std``: mean and sample standard deviation over seeds; ``accuracy_se`` and
+  ``difference_se``: the binomial standard errors docs/results.md quotes.
+
+Pure numpy; every function takes arrays and returns plain floats.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+#: |margin| below this counts as "near zero" (the paper's Figure 1 reading).
+NEAR_ZERO = 0.25
+
+
+def _bootstrap_se(rows: np.ndarray, stat, n_boot: int, seed: int) -> float:
+  rng = np.random.default_rng(seed)
+  n = len(rows)
+  stats = np.asarray([stat(rows[rng.integers(0, n, n)]) for _ in range(n_boot)])
+  return float(np.nanstd(stats, ddof=1))
+
+
+def margin_statistics(margins: Sequence[float], switched: Sequence[bool] | None = None, *,
+                      fraction: float = 0.4, near: float = NEAR_ZERO, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, float]:
+  """Summary of adversarial logit margins m = z_y - max_{k != y} z_k.
+
+  ``switched``: SOVR's selection replayed on these examples (``margins.json``'s
+  "small_margin", ``report.margin_groups``: the ceil(fraction * B) smallest of each batch of
+  B); without it, the ``fraction`` smallest of all.
+
+  Returns n, mean, std (ddof 1), near_zero (the fraction with |m| < ``near``) and
+  mean_switched (the mean over the switched set), each of the last four with a bootstrap
+  standard error ``<name>_se`` (``n_boot`` resamples of the examples, the flags kept with
+  their margins).
+  """
+  m = np.asarray(margins, np.float64)
+  if m.ndim != 1 or len(m) < 2:
+    raise ValueError(f"margin_statistics needs a 1-D array of at least 2 margins, got {m.shape}.")
+  if switched is None:
+    k = max(1, math.ceil(fraction * len(m)))
+    flags = np.zeros(len(m), bool)
+    flags[np.argsort(m, kind="stable")[:k]] = True
+  else:
+    flags = np.asarray(switched, bool)
+    if flags.shape != m.shape or not flags.any():
+      raise ValueError("switched must flag at least one of the margins, in their shape.")
+  pairs = np.stack([m, flags.astype(np.float64)], axis=1)
+  stats = {
+      "mean": lambda p: np.mean(p[:, 0]),
+      "std": lambda p: np.std(p[:, 0], ddof=1),
+      "near_zero": lambda p: np.mean(np.abs(p[:, 0]) < near),
+      "mean_switched": lambda p: (np.mean(p[p[:, 1] > 0, 0]) if (p[:, 1] > 0).any()
+                                  else np.nan),
+  }
+  out: dict[str, float] = {"n": int(len(m)), "switched": int(flags.sum()), "near": near}
+  for i, (name, fn) in enumerate(stats.items()):
+    out[name] = float(fn(pairs))
+    out[f"{name}_se"] = _bootstrap_se(pairs, fn, n_boot, seed + i)
+  return out
+
+
+def _binom_cdf(k: int, n: int) -> float:
+  """P(X <= k) for X ~ Binomial(n, 1/2), summed in log space (exact for n in the 10,000s)."""
+  if k < 0:
+    return 0.0
+  if k >= n:
+    return 1.0
+  logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+          for i in range(k + 1)]
+  top = max(logs)
+  return float(min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs)))
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
+  """McNemar's exact test of "A and B are equally robust" on the same points.
+
+  a, b: per-point robust flags. Only discordant points count: n_ab (robust under A only) and
+  n_ba (under B only); p = min(1, 2 P(X <= min(n_ab, n_ba))), X ~ Bin(n_ab + n_ba, 1/2).
+  """
+  a, b = np.asarray(a, bool), np.asarray(b, bool)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"mcnemar needs two flag vectors of one length, got {a.shape}, {b.shape}.")
+  n_ab, n_ba = int(np.sum(a & ~b)), int(np.sum(~a & b))
+  n = n_ab + n_ba
+  p = 1.0 if n == 0 else min(1.0, 2.0 * _binom_cdf(min(n_ab, n_ba), n))
+  return {"n": int(len(a)), "a_only": n_ab, "b_only": n_ba, "p_value": p}
+
+
+def paired_bootstrap(a: Sequence[Sequence[bool]] | Sequence[bool],
+                     b: Sequence[Sequence[bool]] | Sequence[bool], *, n_boot: int = 10000,
+                     level: float = 0.95, seed: int = 0) -> dict[str, float]:
+  """acc(B) - acc(A) on the same points, with a percentile bootstrap interval.
+
+  a, b: per-point flags of one seed ([n]) or of several seeds ([seeds, n], pooled: the
+  difference is the mean over seeds, and each resample draws points within each seed).
+  """
+  a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+  if a.shape != b.shape:
+    raise ValueError(f"paired_bootstrap needs flags of one shape, got {a.shape} and {b.shape}.")
+  d = b - a
+  seeds, n = d.shape
+  rng = np.random.default_rng(seed)
+  boots = np.empty(n_boot)
+  for i in range(n_boot):
+    idx = rng.integers(0, n, (seeds, n))
+    boots[i] = np.mean(np.take_along_axis(d, idx, axis=1))
+  lo, hi = np.percentile(boots, [50 * (1 - level), 50 * (1 + level)])
+  return {"diff": float(d.mean()), "low": float(lo), "high": float(hi), "level": level,
+          "seeds": int(seeds), "n": int(n)}
+
+
+def accuracy_se(accuracy: float, n: int) -> float:
+  """Standard error of an accuracy measured on n independent points: sqrt(p (1 - p) / n)."""
+  return math.sqrt(accuracy * (1.0 - accuracy) / n)
+
+
+def difference_se(accuracy: float, n: int) -> float:
+  """Standard error of the difference of two independent runs' accuracies near ``accuracy``
+  on n points each (sqrt(2) times ``accuracy_se``); a paired test on the same points is
+  tighter (``mcnemar``, ``paired_bootstrap``)."""
+  return math.sqrt(2.0) * accuracy_se(accuracy, n)
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+  """Mean and sample standard deviation (None for one value) over seeds."""
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+          "n": int(len(v))}

@@ -1,0 +1,92 @@
+"""sovr_jax.stats against formulas, and the figures docs/results.md quotes against the code."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from scripts import plot_study
+from sovr_jax import stats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_margin_statistics_against_formulas():
+  rng = np.random.default_rng(0)
+  m = rng.normal(0.3, 1.2, 4000)
+  switched = m < np.quantile(m, 0.4)
+  s = stats.margin_statistics(m, switched, n_boot=300)
+  assert s["n"] == 4000 and s["switched"] == switched.sum()
+  assert s["mean"] == pytest.approx(m.mean())
+  assert s["std"] == pytest.approx(np.std(m, ddof=1))
+  assert s["near_zero"] == pytest.approx(np.mean(np.abs(m) < 0.25))
+  assert s["mean_switched"] == pytest.approx(m[switched].mean())
+  # Bootstrap standard errors against the analytic ones.
+  assert s["mean_se"] == pytest.approx(1.2 / math.sqrt(4000), rel=0.15)
+  p = s["near_zero"]
+  assert s["near_zero_se"] == pytest.approx(math.sqrt(p * (1 - p) / 4000), rel=0.15)
+  assert s["std_se"] == pytest.approx(1.2 / math.sqrt(2 * 3999), rel=0.2)
+  # Without flags, the 40 % smallest of all.
+  s2 = stats.margin_statistics(m, n_boot=10)
+  assert s2["mean_switched"] == pytest.approx(np.sort(m)[:1600].mean())
+  with pytest.raises(ValueError):
+    stats.margin_statistics([1.0])
+
+
+def test_mcnemar_exact_values():
+  a = np.array([True] * 10 + [False] * 2 + [True] * 50 + [False] * 38)
+  b = np.array([False] * 10 + [True] * 2 + [True] * 50 + [False] * 38)
+  r = stats.mcnemar(a, b)
+  assert (r["a_only"], r["b_only"], r["n"]) == (10, 2, 100)
+  assert r["p_value"] == pytest.approx(2 * (1 + 12 + 66) / 4096)  # 2 P(Bin(12, 1/2) <= 2)
+  assert stats.mcnemar(a, a)["p_value"] == 1.0
+  # Large counts: the normal approximation with continuity correction agrees.
+  rng = np.random.default_rng(1)
+  a = rng.random(10000) < 0.5
+  b = a.copy()
+  flip = rng.random(10000) < 0.1
+  b[flip & a] = rng.random((flip & a).sum()) < 0.4
+  r = stats.mcnemar(a, b)
+  n1, n2 = r["a_only"], r["b_only"]
+  z = (abs(n1 - n2) - 1) / math.sqrt(n1 + n2)
+  assert r["p_value"] == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.1)
+
+
+def test_paired_bootstrap_interval():
+  rng = np.random.default_rng(2)
+  a = rng.random(5000) < 0.45
+  b = a | (rng.random(5000) < 0.04)  # B is robust wherever A is, and on ~2 % more points
+  r = stats.paired_bootstrap(a, b, n_boot=2000)
+  assert r["diff"] == pytest.approx(b.mean() - a.mean())
+  assert 0 < r["low"] < r["diff"] < r["high"]
+  # The paired interval is narrower than an unpaired one would be.
+  assert r["high"] - r["low"] < 2 * 1.96 * stats.difference_se(0.45, 5000)
+  pooled = stats.paired_bootstrap(np.stack([a, a]), np.stack([b, a]), n_boot=500)
+  assert pooled["seeds"] == 2 and pooled["diff"] == pytest.approx((b.mean() - a.mean()) / 2)
+  same = stats.paired_bootstrap(a, a, n_boot=100)
+  assert same["low"] == same["high"] == 0.0
+
+
+def test_standard_errors_quoted_in_results_md():
+  # "The standard error of an accuracy near 33 % on 1,000 points is 1.5 points."
+  assert round(100 * stats.accuracy_se(0.33, 1000), 1) == 1.5
+  # "near 23 % on 500 points is 1.9 points"; "of a difference ... about 2.7 points".
+  assert round(100 * stats.accuracy_se(0.23, 500), 1) == 1.9
+  assert round(100 * stats.difference_se(0.23, 500), 1) == 2.7
+  assert stats.mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+
+
+@pytest.mark.parametrize("scale", ["gpu", "cpu"])
+def test_margin_tables_in_results_md_come_from_the_code(scale):
+  with open(os.path.join(REPO, "results", f"study_{scale}.json")) as f:
+    study = json.load(f)
+  with open(os.path.join(REPO, "docs", "results.md")) as f:
+    doc = f.read()
+  for row in plot_study.margin_table(study).splitlines()[2:]:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    if "rho" in cells[0]:
+      continue  # the sweep runs are in results/study_cpu_table.md only
+    quoted = f"| {cells[0]} | {' | '.join(cells[2:])} |"
+    assert quoted in doc, quoted
