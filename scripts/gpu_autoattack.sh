@@ -6,7 +6,7 @@
 # Carry _carry/pylib (pyautoattack without examples/) and, where absl/yaml are missing,
 # _carry/fallback.
 #   bash scripts/gpu_autoattack.sh                                   # on the device
-#   OUT=/tmp/o N=8 EXTRA=--fast bash scripts/gpu_autoattack.sh       # CPU smoke test
+#   OUT=/tmp/o N=8 EXTRA="--fast --device cpu" bash scripts/gpu_autoattack.sh   # CPU smoke test
 set -uo pipefail
 OUT=${OUT:?set OUT}
 N=${N:-1000}
@@ -16,11 +16,11 @@ python -c "import yaml, absl" 2>/dev/null || export PYTHONPATH="$PYTHONPATH:$PWD
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 exec > >(tee -a "$OUT/log.txt") 2>&1
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true)
-CMP=(python scripts/compare_autoattack.py --model preact_resnet18 --n "$N" --batch_size "$N"
+CMP=(python -m sovr_jax.autoattack_eval --model preact_resnet18 --n "$N" --batch_size "$N"
      --worst_case $EXTRA)
 echo "=== float32, JAX and reference side by side ($(date +%T))"
-timeout "${T_SIDE:-400}" "${CMP[@]}" --out "$OUT/worst_case_f32.json"
+timeout "${T_SIDE:-400}" "${CMP[@]}" --engine both --out "$OUT/worst_case_f32.json"
 echo "=== JAX, attacks on the bfloat16 network ($(date +%T))"
-timeout "${T_BF16:-150}" "${CMP[@]}" --skip_reference --attack_dtype bfloat16 \
+timeout "${T_BF16:-150}" "${CMP[@]}" --engine jax --attack_dtype bfloat16 \
   --out "$OUT/worst_case_jax_bf16.json"
 echo "=== done ($(date +%T))"

@@ -16,17 +16,17 @@ scale/bias/mean/var -> weight/bias/running_mean/running_var (+ num_batches_track
 the biased batch variance in its running statistics; both frameworks use the stored value as is in
 eval mode, so the exported model computes the same function as ``model.apply(v, x, train=False)``.
 
-Only ``restore_run``, ``export_workdir`` and ``compare_with_jax`` need JAX, and they import it
-lazily: ``to_state_dict`` (any arrays numpy can read) and ``load_exported`` work with torch +
-numpy + json + ``sovr_jax.torch_models`` alone.
+Only ``export_workdir`` and ``compare_with_jax`` need JAX (through
+``sovr_jax.rundir.restore_run``), and they import it lazily: ``to_state_dict`` (any arrays numpy
+can read) and ``load_exported`` work with torch + numpy + json + ``sovr_jax.torch_models``
+alone. torch itself is imported only when a function needs it; without it the error says how
+to install it, and the rest of sovr_jax never needs it.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -34,17 +34,29 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 import sovr_jax
-from sovr_jax import jsonio, torch_models
+from sovr_jax import cli, jsonio, optional, rundir
+from sovr_jax.errors import InvalidFileError, NotFoundError
+
+if TYPE_CHECKING:
+  import torch  # pylint: disable=unused-import
+
+
+def _torch():
+  """torch and the twins (``torch_models``), imported here: the rest of sovr_jax needs none."""
+  optional.require("torch", purpose="The PyTorch export")
+  import torch  # pylint: disable=import-outside-toplevel,redefined-outer-name
+  from sovr_jax import torch_models  # pylint: disable=import-outside-toplevel
+  return torch, torch_models
 
 #: Written into model.json; bump on incompatible changes of the format.
 FORMAT = "sovr_jax.export/1"
 WEIGHTS_FILE = "model.pt"
 INFO_FILE = "model.json"
-CHECKPOINT_KINDS = ("best", "latest")
 #: Test images compared between the JAX and the exported model at export time.
 EXPORT_CHECK_EXAMPLES = 16
 #: Largest max|logit difference| / max|logit| accepted by that check (float32 on both sides).
@@ -74,6 +86,7 @@ def _flatten(tree: Any, what: str, prefix: tuple[str, ...] = ()) -> dict[tuple[s
 
 
 def _to_tensor(value: Any) -> torch.Tensor:
+  torch, _ = _torch()
   arr = np.asarray(value)  # jax.Array, numpy or anything array-like; no JAX import needed.
   return torch.from_numpy(np.ascontiguousarray(arr.astype(np.float32)))
 
@@ -100,6 +113,7 @@ def to_state_dict(name: str, params: Mapping[str, Any], batch_stats: Mapping[str
     ValueError: unknown architecture; the whole variables dict passed as ``params``; unknown
       leaf names or ranks; BatchNorm layers without running statistics (or vice versa).
   """
+  torch, torch_models = _torch()
   torch_models.check_architecture(name)
   if isinstance(params, Mapping) and "params" in params:
     raise ValueError("to_state_dict got the whole variables dict; pass variables['params'] and "
@@ -149,124 +163,16 @@ def to_state_dict(name: str, params: Mapping[str, Any], batch_stats: Mapping[str
 
 
 # --------------------------------------------------------------------------------------------
-# Restoring a training run (JAX, imported lazily).
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RestoredRun:
-  """A training run's checkpoint, restored into a float32 Flax model."""
-
-  workdir: str
-  config: dict[str, Any]        # the full config dict from config.json
-  cfg: Any                      # the same as an ml_collections.ConfigDict
-  dataset: Any                  # sovr_jax.data.Dataset
-  model: Any                    # the Flax model, float32 compute
-  variables: dict[str, Any]     # {"params", "batch_stats"} as numpy arrays
-  step: int
-  meta: dict[str, Any]          # checkpoint metadata (epoch, best_val_pgd, best_epoch)
-  checkpoint: str               # "best" or "latest"
-  checkpoint_path: str
-
-
-def checkpoint_steps(workdir: str, checkpoint: str = "best") -> list[int]:
-  """The saved steps under ``workdir/best`` or ``workdir/checkpoints``, newest first."""
-  if checkpoint not in CHECKPOINT_KINDS:
-    raise ValueError(f"checkpoint must be one of {CHECKPOINT_KINDS}, got {checkpoint!r}.")
-  directory = os.path.join(workdir, "best" if checkpoint == "best" else "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  return sorted((int(d) for d in os.listdir(directory)
-                 if d.isdigit() and os.path.isdir(os.path.join(directory, d))), reverse=True)
-
-
-def read_workdir_config(workdir: str) -> dict[str, Any]:
-  """The full config dict from ``workdir/config.json``; clear errors if it is not a run."""
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"Workdir {workdir!r} does not exist. Pass the --workdir of a "
-                            f"training run (python -m sovr_jax.main --config ... --workdir W).")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir!r} is not a sovr_jax training workdir. "
-                            f"Pass the --workdir given to python -m sovr_jax.main.")
-  with open(path) as f:
-    d = json.load(f)
-  if not isinstance(d, dict) or not isinstance(d.get("config"), dict):
-    raise ValueError(f"{path} has no 'config' section; it was not written by sovr_jax.main. "
-                     f"Pass the --workdir of a sovr_jax training run.")
-  return d["config"]
-
-
-def restore_run(workdir: str, *, checkpoint: str = "best", dataset: Any = None) -> RestoredRun:
-  """Restores the newest ``checkpoint`` ("best" or "latest") of a training run.
-
-  The Flax model is rebuilt from the run's config (``experiment.build_model`` with float32
-  compute) and the state via ``train.create_train_state`` + ``checkpoint.Checkpointer.restore``.
-  ``dataset`` (the run's ``experiment.load_data(cfg)``) is loaded if not given.
-
-  Raises:
-    FileNotFoundError: no workdir, no config.json, or no checkpoint of that kind.
-    ValueError: bad ``checkpoint`` or an architecture without a PyTorch twin.
-    sovr_jax.checkpoint.CheckpointError: checkpoints exist but none can be read.
-  """
-  if checkpoint not in CHECKPOINT_KINDS:
-    raise ValueError(f"checkpoint must be one of {CHECKPOINT_KINDS}, got {checkpoint!r}.")
-  workdir = os.path.abspath(workdir)
-  config = read_workdir_config(workdir)
-  steps = checkpoint_steps(workdir, checkpoint)
-  if not steps:
-    if checkpoint == "best":
-      hint = ("The best checkpoint is chosen by validation PGD accuracy; a run with "
-              "data.val_size=0 or eval.every_epochs=0 has none. Use --checkpoint latest, or "
-              "train (longer) first.")
-    else:
-      hint = "Train first: python -m sovr_jax.main --config ... --workdir " + workdir
-    sub = "best" if checkpoint == "best" else "checkpoints"
-    raise FileNotFoundError(f"No {checkpoint} checkpoint in {os.path.join(workdir, sub)}. {hint}")
-
-  import jax  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from sovr_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from sovr_jax import experiment, models, train  # pylint: disable=import-outside-toplevel
-
-  cfg = ml_collections.ConfigDict(config)
-  torch_models.check_architecture(cfg.model.name)
-  ds = dataset if dataset is not None else experiment.load_data(cfg)
-  model = models.get_model(cfg.model.name, num_classes=ds.num_classes, width=cfg.model.width,
-                           mean=ds.mean, std=ds.std)  # float32 compute, whatever cfg.precision
-  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 1))
-  target = train.create_train_state(jax.random.PRNGKey(0), model, ds.image_shape, tx)
-  keep = int(cfg.get("checkpoint", {}).get("keep", 2))
-  restored = ckpt_lib.Checkpointer(workdir, keep=keep).restore(target, best=checkpoint == "best")
-  if restored is None:  # the directories were emptied between the listing and the restore
-    raise FileNotFoundError(f"No {checkpoint} checkpoint could be found in {workdir}.")
-  state, meta = restored
-  step = int(jax.device_get(state.step))
-  variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-  path = os.path.join(workdir, "best" if checkpoint == "best" else "checkpoints", str(step))
-  return RestoredRun(workdir=workdir, config=config, cfg=cfg, dataset=ds, model=model,
-                     variables=variables, step=step, meta=dict(meta), checkpoint=checkpoint,
-                     checkpoint_path=path)
-
-
-# --------------------------------------------------------------------------------------------
 # Export.
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def compare_with_jax(run: RestoredRun, torch_model: torch.nn.Module,
+def compare_with_jax(run: rundir.RestoredRun, torch_model: torch.nn.Module,
                      images: np.ndarray) -> dict[str, Any]:
   """JAX (float32) vs PyTorch logits on uint8 NHWC ``images``: max relative difference
   (max |diff| / max |logit|) and predicted-label agreement."""
   import jax  # pylint: disable=import-outside-toplevel
+  torch, _ = _torch()
 
   x = images.astype(np.float32) / 255.0
   with jax.default_matmul_precision("float32"):
@@ -283,13 +189,18 @@ def compare_with_jax(run: RestoredRun, torch_model: torch.nn.Module,
 
 
 def export_workdir(workdir: str, out_dir: str, *, checkpoint: str = "best",
-                   dataset: Any = None, check_examples: int = EXPORT_CHECK_EXAMPLES) -> str:
+                   dataset: Any = None, check_examples: int = EXPORT_CHECK_EXAMPLES,
+                   robustbench: bool = False) -> str:
   """Exports the newest ``checkpoint`` ("best" or "latest") of a training run to ``out_dir``.
 
   Writes ``out_dir/model.pt`` (the PyTorch state dict, ``torch.save``) and ``out_dir/model.json``
   (architecture, width, num_classes, mean, std, input shape, source checkpoint and step, data
   set, eps, method, the full training config, versions, and the result of a JAX-vs-PyTorch check
-  on the first ``check_examples`` test images, 0 = all), both atomically. ``dataset`` avoids reloading the run's data.
+  on the first ``check_examples`` test images, 0 = all), both atomically. ``dataset`` avoids
+  reloading the run's data.
+  ``robustbench``: also ``out_dir/robustbench.pt`` + ``robustbench.json`` (see
+  ``sovr_jax.robustbench_export.export_run``; recorded under model.json's "robustbench", with
+  the reason when the architecture has no RobustBench class).
 
   Returns:
     The path of ``model.json``.
@@ -299,7 +210,12 @@ def export_workdir(workdir: str, out_dir: str, *, checkpoint: str = "best",
     ValueError: unknown architecture, or weights that do not fit the architecture.
     RuntimeError: the exported model disagrees with the JAX model (a bug; please report it).
   """
-  run = restore_run(workdir, checkpoint=checkpoint, dataset=dataset)
+  torch, torch_models = _torch()
+  from sovr_jax import robustbench_export  # pylint: disable=import-outside-toplevel
+  if robustbench:
+    robustbench_export.robustbench_dir()  # not installed: fail before the restore
+  torch_models.check_architecture(rundir.read_config(workdir)["model"]["name"])
+  run = rundir.restore_run(workdir, checkpoint=checkpoint, dataset=dataset)
   cfg, ds = run.cfg, run.dataset
   h, w, c = ds.image_shape
   sd = to_state_dict(cfg.model.name, run.variables["params"], run.variables["batch_stats"],
@@ -316,6 +232,9 @@ def export_workdir(workdir: str, out_dir: str, *, checkpoint: str = "best",
         f"(max relative logit difference {check['max_rel_logit_diff']:.3g} > "
         f"{EXPORT_CHECK_RTOL}); nothing was written. This is a bug in sovr_jax.export or "
         f"sovr_jax.torch_models; please report it with the workdir's config.json.")
+  rb = (robustbench_export.export_run(run, sd, out_dir, reference=tmodel,
+                                      images=ds.test_images[:check_examples or None])
+        if robustbench else None)
 
   os.makedirs(out_dir, exist_ok=True)
   weights = os.path.join(out_dir, WEIGHTS_FILE)
@@ -334,7 +253,7 @@ def export_workdir(workdir: str, out_dir: str, *, checkpoint: str = "best",
       "layout": "NCHW",
       "input_range": [0.0, 1.0],
       "weights": WEIGHTS_FILE,
-      "weights_sha256": _sha256(weights),
+      "weights_sha256": jsonio.sha256(weights),
       "num_params": int(sum(v.numel() for k, v in sd.items()
                             if not k.endswith(("running_mean", "running_var",
                                                "num_batches_tracked"))
@@ -356,12 +275,15 @@ def export_workdir(workdir: str, out_dir: str, *, checkpoint: str = "best",
       "created": datetime.datetime.now().isoformat(timespec="seconds"),
       "command": " ".join(sys.argv),
   }
+  if rb is not None:
+    info["robustbench"] = rb
   path = os.path.join(out_dir, INFO_FILE)
   jsonio.write_json_atomic(path, info)
   return path
 
 
 def _versions() -> dict[str, str]:
+  torch, _ = _torch()
   out = {"python": platform.python_version(), "torch": torch.__version__,
          "numpy": np.__version__, "sovr_jax": sovr_jax.__version__}
   for mod in ("jax", "flax"):
@@ -380,13 +302,13 @@ def read_export_info(path: str) -> tuple[str, dict[str, Any]]:
   """(model.json path, its contents) for an export directory or a model.json path."""
   json_path = os.path.join(path, INFO_FILE) if os.path.isdir(path) else path
   if not os.path.exists(json_path):
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"No exported model at {path!r} ({json_path} not found). Export a training run first: "
         f"python -m sovr_jax.export --workdir W --out DIR")
   with open(json_path) as f:
     info = json.load(f)
   if not isinstance(info, dict) or info.get("format") != FORMAT:
-    raise ValueError(f"{json_path} is not a sovr_jax export (format {info.get('format')!r} "
+    raise InvalidFileError(f"{json_path} is not a sovr_jax export (format {info.get('format')!r} "
                      f"where {FORMAT!r} was expected); re-export with python -m sovr_jax.export.")
   return os.path.abspath(json_path), info
 
@@ -411,12 +333,13 @@ def load_exported(path: str, *, map_location: str | torch.device = "cpu",
   json_path, info = read_export_info(path)
   weights = os.path.join(os.path.dirname(json_path), info.get("weights", WEIGHTS_FILE))
   if not os.path.exists(weights):
-    raise FileNotFoundError(f"{weights} (named by {json_path}) not found; copy it next to "
+    raise NotFoundError(f"{weights} (named by {json_path}) not found; copy it next to "
                             f"model.json or re-export.")
-  if check_hash and info.get("weights_sha256") and _sha256(weights) != info["weights_sha256"]:
-    raise ValueError(f"{weights} does not match the SHA-256 in {json_path}: the weights and "
+  if check_hash and info.get("weights_sha256") and jsonio.sha256(weights) != info["weights_sha256"]:
+    raise InvalidFileError(f"{weights} does not match the SHA-256 in {json_path}: the weights and "
                      f"model.json come from different exports. Re-export, or pass "
                      f"check_hash=False if you changed the weights on purpose.")
+  torch, torch_models = _torch()
   model = torch_models.build_torch_model(
       info["architecture"], num_classes=info["num_classes"], width=info["width"],
       mean=info["mean"], std=info["std"], input_shape=info["input_shape"])
@@ -430,20 +353,24 @@ def load_exported(path: str, *, map_location: str | torch.device = "cpu",
 # --------------------------------------------------------------------------------------------
 
 
+@cli.guarded
 def main(argv: Sequence[str] | None = None) -> str:
   parser = argparse.ArgumentParser(
       prog="python -m sovr_jax.export",
       description="Export a sovr_jax training run's checkpoint to PyTorch (model.pt + model.json).")
   parser.add_argument("--workdir", required=True, help="the training run's --workdir")
   parser.add_argument("--out", required=True, help="output directory (created if needed)")
-  parser.add_argument("--checkpoint", choices=CHECKPOINT_KINDS, default="best",
+  parser.add_argument("--checkpoint", choices=rundir.CHECKPOINT_KINDS, default="best",
                       help="best-by-validation (default) or the latest checkpoint")
   parser.add_argument("--check_examples", type=int, default=EXPORT_CHECK_EXAMPLES,
                       help="test images on which JAX and PyTorch logits and labels are compared "
                            "(0 = the whole test split)")
+  parser.add_argument("--robustbench", action="store_true",
+                      help="also write robustbench.pt + robustbench.json for RobustBench's own "
+                           "architecture classes (docs/robustbench.md)")
   args = parser.parse_args(argv)
   path = export_workdir(args.workdir, args.out, checkpoint=args.checkpoint,
-                        check_examples=args.check_examples)
+                        check_examples=args.check_examples, robustbench=args.robustbench)
   with open(path) as f:
     info = json.load(f)
   check = info["export_check"]
@@ -451,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"{info['dataset']}) from {info['source']['path']} (step {info['source']['step']}) to "
         f"{path}; JAX vs PyTorch on {check['n']} test images: max relative logit difference "
         f"{check['max_rel_logit_diff']:.2e}, label agreement {check['label_agreement']:.2%}.")
+  if "robustbench" in info:
+    from sovr_jax import robustbench_export  # pylint: disable=import-outside-toplevel
+    print(robustbench_export.summary_line(info["robustbench"]))
   return path
 
 

@@ -1,8 +1,8 @@
 """AutoAttack in JAX (sovr_jax.attacks.autoattack) against the reference, pyautoattack.
 
 The model is a one-hidden-layer MLP on 8x8x3 images, defined identically in JAX and PyTorch
-(scripts/compare_autoattack.py), on random images labelled by the model (clean accuracy 100%),
-at an eps where about half the points can be broken. Iterations and queries are reduced for speed
+(sovr_jax.evaluation.targets.tiny_mlp), on random images labelled by the model (clean accuracy
+100%), at an eps where about half the points can be broken. Iterations and queries are reduced for speed
 (APGD/FAB 20 iterations, Square 300 queries).
 """
 
@@ -25,9 +25,9 @@ from pyautoattack.fab_projections import projection_linf as ref_projection_linf
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
-from scripts import compare_autoattack as cmp
 from sovr_jax.attacks import autoattack as aa
 from sovr_jax.attacks.autoattack import ensemble as ensemble_lib
+from sovr_jax.evaluation import targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)  # shared cores
@@ -50,9 +50,9 @@ def _reference_apgd_iters(att, n_iter):
 
 @pytest.fixture(scope="module")
 def setup():
-  params = cmp.tiny_mlp_params(SEED)
-  x, y = cmp.tiny_mlp_data(N, SEED, params=params)
-  return {"fn": cmp.tiny_mlp_jax(params), "torch": cmp.TinyMLPTorch(params).eval(),
+  params = targets.tiny_mlp_params(SEED)
+  x, y = targets.tiny_mlp_data(N, SEED, params)
+  return {"fn": targets.tiny_mlp_jax(params), "torch": targets.tiny_mlp_torch(params),
           "x": x, "y": y, "xj": jnp.asarray(x), "yj": jnp.asarray(y, jnp.int32),
           "xt": torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
           "yt": torch.from_numpy(y)}
@@ -352,7 +352,7 @@ def test_decisions_are_made_on_model_fn_not_the_attack_network(setup, ensemble):
             attacks=("apgd-ce", "apgd-t"))
   labels_not_0 = y != 0
   blind = aa.run_standard(setup["fn"], x[labels_not_0], y[labels_not_0], SEED,
-                          attack_model_fn=cmp.worst_case_jax(setup["fn"]), **kw)
+                          attack_model_fn=targets.worst_case_jax(setup["fn"]), **kw)
   s = blind["summary"]
   assert s["settings"]["separate_attack_model"]
   assert s["robust_acc"] >= s["clean_acc"] - 0.1
@@ -364,40 +364,6 @@ def test_decisions_are_made_on_model_fn_not_the_attack_network(setup, ensemble):
                          attack_model_fn=lambda v: setup["fn"](v.astype(jnp.bfloat16)), **kw)
   assert abs(bf16["summary"]["robust_acc"] - normal) <= 0.1
   assert bf16["summary"]["checks"]["broken_misclassified"]
-
-
-def test_script_compares_both_and_is_deterministic(tmp_path, ensemble):
-  """The script's JAX side repeats the ensemble fixture (same model, points, seed, settings):
-  identical results; the reference ensemble agrees within a few points."""
-  out = tmp_path / "cmp.json"
-  res = cmp.main(["--model", "tiny_mlp", "--n", str(N), "--eps", str(EPS), "--fast",
-                  "--batch_size", str(BATCH), "--seed", str(SEED), "--device", "cpu",
-                  "--out", str(out)])
-  assert cmp.FAST == {"n_iter": N_ITER, "n_queries": N_QUERIES}
-  with open(out) as f:
-    written = json.load(f)
-  assert written == json.loads(json.dumps(res))
-  mine = ensemble[0]["summary"]
-  assert written["jax"]["robust_acc_after"] == mine["robust_acc_after"]
-  ref = written["reference"]
-  assert ref["clean_acc"] == 1.0 and list(ref["robust_acc_after"]) == list(aa.STANDARD_ATTACKS)
-  assert abs(written["jax"]["robust_acc"] - ref["robust_acc"]) <= 0.03
-  assert written["robust_flag_agreement"] >= 0.95
-  rows = {r["attack"]: r for r in written["rows"]}
-  assert set(rows) == {"clean", *aa.STANDARD_ATTACKS}
-  assert all(rows[a]["jax_time_s"] > 0 and rows[a]["ref_time_s"] > 0
-             for a in aa.STANDARD_ATTACKS)
-
-
-def test_worst_case_models_never_change_their_prediction(setup):
-  fn, model = cmp.worst_case_models(setup["fn"], setup["torch"])
-  x = setup["x"][:8].copy()
-  x[:4] = 1.0 - x[:4]
-  assert np.all(np.asarray(jnp.argmax(fn(jnp.asarray(x)), -1)) == 0)
-  with torch.no_grad():
-    z = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-  np.testing.assert_allclose(z, np.asarray(fn(jnp.asarray(x))), rtol=1e-6, atol=1e-3)
-  assert np.all(z.argmax(1) == 0)
 
 
 def test_bad_arguments_are_refused(setup):
@@ -418,13 +384,13 @@ def test_bad_arguments_are_refused(setup):
 
 SHARDED = """
 import numpy as np, jax
-from scripts import compare_autoattack as cmp
 from sovr_jax import sharding
 from sovr_jax.attacks import autoattack as aa
+from sovr_jax.evaluation import targets
 assert len(jax.devices()) == 2
-params = cmp.tiny_mlp_params(0)
-fn = cmp.tiny_mlp_jax(params)
-x, y = cmp.tiny_mlp_data(48, 0, params=params)
+params = targets.tiny_mlp_params(0)
+fn = targets.tiny_mlp_jax(params)
+x, y = targets.tiny_mlp_data(48, 0, params)
 res = [aa.run_standard(fn, x, y, 0, eps=0.02, batch_size=16, attacks=("apgd-ce", "fab-t", "square"),
                        n_iter=5, n_queries=50, log=None, mesh=sharding.make_mesh(jax.devices()[:k]))
        for k in (2, 1)]

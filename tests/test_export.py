@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from sovr_jax import export, models, torch_models
+from sovr_jax import export, models, rundir, torch_models
 from sovr_jax.testing import (jax_logits_and_grad, random_variables, rel_err,
                               torch_logits_and_grad)
 from sovr_jax.models import common
@@ -178,7 +178,7 @@ def test_export_of_a_real_run_predicts_like_jax(tiny_run, tmp_path):
   assert info["dataset"] == "mnist5k" and info["eps"] == pytest.approx(0.1)
   assert info["export_check"]["max_rel_logit_diff"] < 1e-4
 
-  run = export.restore_run(tiny_run)
+  run = rundir.restore_run(tiny_run)
   ds = run.dataset
   x = ds.test_images.astype(np.float32) / 255.0
   jax_logits = np.asarray(run.model.apply(run.variables, x, train=False))
@@ -229,6 +229,6 @@ def test_export_cli_and_loading_without_jax(tiny_run, tmp_path):
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  run = export.restore_run(tiny_run, checkpoint="latest")
+  run = rundir.restore_run(tiny_run, checkpoint="latest")
   jax_logits = np.asarray(run.model.apply(run.variables, x.transpose(0, 2, 3, 1), train=False))
   assert rel_err(np.load(tmp_path / "y.npy"), jax_logits) < 1e-4

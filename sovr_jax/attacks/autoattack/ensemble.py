@@ -134,6 +134,17 @@ def flag_checks(robust: np.ndarray, broken: np.ndarray, final_logits: np.ndarray
   }
 
 
+def example_checks(x: np.ndarray, x_adv: np.ndarray, eps: float, norm: str) -> dict[str, Any]:
+  """Are the returned examples valid: the largest perturbation, every example inside the
+  eps-ball (up to float32 rounding, ``EPS_ATOL``), inside [0, 1], finite."""
+  n = len(x)
+  pert = _perturbation(x_adv, x, norm) if n else np.zeros(0)
+  return {"max_perturbation": float(pert.max()) if n else 0.0,
+          "within_eps": bool(np.all(pert <= eps + EPS_ATOL)),
+          "in_unit_range": bool(n == 0 or (x_adv.min() >= 0 and x_adv.max() <= 1)),
+          "finite": bool(np.isfinite(x_adv).all())}
+
+
 def _perturbation(x_adv: np.ndarray, x: np.ndarray, norm: str) -> np.ndarray:
   d = (x_adv.astype(np.float64) - x.astype(np.float64)).reshape(len(x), -1)
   return np.abs(d).max(1) if norm == "linf" else np.sqrt((d ** 2).sum(1))
@@ -145,7 +156,9 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
                  n_queries: int = 5000, n_target_classes: int = 9, apgd_restarts: int = 1,
                  early_stop: bool = True, mesh: jax.sharding.Mesh | None = None,
                  log: Callable[[str], None] | None = print,
-                 attack_model_fn: ModelFn | None = None) -> dict[str, Any]:
+                 attack_model_fn: ModelFn | None = None,
+                 after_attack: Callable[[dict[str, Any]], None] | None = None
+                 ) -> dict[str, Any]:
   """Runs the AutoAttack ensemble on (x, y) and returns the adversarial examples and a summary.
 
   Args:
@@ -167,10 +180,13 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
       ``model_fn``. Every decision is made on ``model_fn``: the clean accuracy, whether an
       attack's output breaks a point (a point only the attack network misclassifies stays
       robust and goes on to the next attack) and the final checks.
+    after_attack: called after each attack with the state so far ({"attacks": names done,
+      "clean", "robust", "broken_by" [N], "robust_acc_after", "time_s", "compile_s",
+      "attacked"}), e.g. to save a partial result that a cut run keeps.
 
   Returns:
     {"x_adv": [N, ...] float32 (x where not broken), "y_adv": [N] predictions on x_adv,
-     "robust": [N] bool, "broken_by": [N] str (the attack that broke the point, "" if none),
+     "robust": [N] bool, "clean": [N] bool (correct on x), "broken_by": [N] str (the attack that broke the point, "" if none),
      "summary": JSON-able dict with clean_acc, robust_acc, robust_acc_after {attack: acc},
      time_s {attack: s} (compilation excluded, in compile_s), attacked {attack: points it
      attacked}, n, eps, norm, seed, attacks, batch_size, attack_batch_size {attack: rows per
@@ -253,6 +269,7 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
     jitted = jax.jit(attack_and_predict, in_shardings=(data_sh, data_sh, data_sh, rep_sh),
                      out_shardings=(data_sh, data_sh))
     attack_key = jax.random.fold_in(key, ATTACKS.index(name))
+    say(f"autoattack-jax: {name}: compiling for batches of {bs} rows ...")
     t0 = time.perf_counter()
     shapes = (jax.ShapeDtypeStruct((bs,) + x.shape[1:], jnp.float32, sharding=data_sh),
               jax.ShapeDtypeStruct((bs,), jnp.int32, sharding=data_sh),
@@ -265,6 +282,10 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
     pending = [(sel, compiled(xb, yb, ab, jax.random.fold_in(attack_key, b)))
                for b, (sel, xb, yb, ab) in enumerate(batches(idx, x, bs))]
     broken_count = 0
+    if log is not None and len(pending) > 1:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      pending = tqdm(pending, desc=f"autoattack-jax: {name}", unit="batch", leave=False,
+                     mininterval=2.0)
     for sel, (xa, pa) in pending:
       xa, pa = np.asarray(xa)[:len(sel)], np.asarray(pa)[:len(sel)]
       fooled = pa != y[sel]
@@ -282,16 +303,17 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
     say(f"autoattack-jax: {name}: {broken_count} of {len(idx)} points broken; robust accuracy "
         f"after {name.upper()}: {robust_after[name]:.2%} ({time_s[name]:.2f} s, compile "
         f"{compile_s[name]:.1f} s)")
+    if after_attack is not None:
+      after_attack({"attacks": list(robust_after), "clean": clean_pred == y,
+                    "robust": robust.copy(), "broken_by": broken_by.astype(str),
+                    "robust_acc_after": dict(robust_after), "time_s": dict(time_s),
+                    "compile_s": dict(compile_s), "attacked": dict(attacked)})
 
   final_logits = logits_all(x_adv)
   final_pred = final_logits.argmax(1).astype(np.int32) if n else np.zeros(0, np.int32)
-  pert = _perturbation(x_adv, x, norm) if n else np.zeros(0)
   broken_mask = ~robust & (clean_pred == y)
   checks = {
-      "max_perturbation": float(pert.max()) if n else 0.0,
-      "within_eps": bool(np.all(pert <= eps + EPS_ATOL)),
-      "in_unit_range": bool(n == 0 or (x_adv.min() >= 0 and x_adv.max() <= 1)),
-      "finite": bool(np.isfinite(x_adv).all()),
+      **example_checks(x, x_adv, eps, norm),
       **flag_checks(robust, broken_mask, final_logits, y),
       "rejected_outside_ball": rejected,
   }
@@ -323,5 +345,5 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
                    "separate_attack_model": attack_model_fn is not None},
       "devices": [str(d) for d in mesh.devices.flat], "checks": checks,
   }
-  return {"x_adv": x_adv, "y_adv": final_pred, "robust": robust,
+  return {"x_adv": x_adv, "y_adv": final_pred, "robust": robust, "clean": clean_pred == y,
           "broken_by": broken_by.astype(str), "summary": summary}
