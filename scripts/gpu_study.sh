@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# One GPU session of the reproduction study (docs/results.md), inside a 10-minute device call:
-#   1. train the study's runs (configs/study.py, gpu scale), several at a time;
-#   2. AutoAttack on the first $N test points: pyautoattack and the JAX AutoAttack side by side
-#      on the $REFERENCE runs (scripts/compare_autoattack.py), the JAX AutoAttack on the others;
-#   3. collect everything into $OUT/study_gpu.json (also after each stage, so a timeout keeps
-#      what finished) and the logs into $OUT/logs.tar.gz.
-# Carry: _carry/pylib (ml_collections, mlxtend, pyautoattack without examples/), _carry/fallback
-# (absl, yaml where missing), _carry/data/cifar10-jpeg.tar.gz (a copy of ../shared/data's).
-#   RUNS= SWEEP=0.2,0.6,0.8 REFERENCE= bash scripts/gpu_study.sh   # on the device (empty = none)
-#   OUT=/tmp/o SCALE=tiny N=16 ATTACKS=apgd-ce DATA=../shared/data/cifar10-jpeg.tar.gz \
-#     bash scripts/gpu_study.sh                                  # CPU smoke test (tests/test_study.py)
+# One GPU session of the reproduction study (docs/results.md): a batch of cells (run x seed) in
+# about 9 minutes of one card, every cell's result written the moment it exists.
+#   1. train the cells (configs/study.py at $SCALE), all at once on the card;
+#   2. as each cell finishes training: the JAX AutoAttack on its first $N test points
+#      (per-point flags kept), then its cell JSON -> $OUT/cells/<cell>.json;
+#   3. on the $CHECK cells, if time is left: both engines side by side on the first $CHECK_N
+#      points (the reference's check of the JAX AutoAttack); the cell JSON is rewritten;
+#   4. all cells -> $OUT/study_$SCALE.json, the logs -> $OUT/logs.tar.gz.
+# A cut call keeps every cell JSON written before the cut. Back home, merge them into the
+# committed study: python -m scripts.study --merge_from OUT/study_full.json \
+#   --into results/study_full.json   (or each OUT/cells/*.json).
+# The data set is read from a git-ignored folder of the checkout (DATA, default
+# _data/cifar10-jpeg.tar.gz: copy ../shared/data's there and carry _data). Carry _carry/pylib
+# (ml_collections, mlxtend, pyautoattack without examples/) and, where absl/yaml are missing,
+# _carry/fallback.
+#   RUNS=pgd_at,sovr SEEDS=0 CHECK=sovr_s0 bash scripts/gpu_study.sh        # on the device
+#   OUT=/tmp/o SCALE=tiny N=16 CHECK_N=16 ATTACKS=apgd-ce \
+#     DATA=../shared/data/cifar10-jpeg.tar.gz bash scripts/gpu_study.sh     # CPU smoke test
 set -uo pipefail
 OUT=${OUT:?set OUT}
-SCALE=${SCALE:-gpu}
-RUNS=${RUNS-pgd_at,sovr,mail_at,gairat}
-SWEEP=${SWEEP-}
-REFERENCE=${REFERENCE-sovr}
-N=${N:-1000}
+SCALE=${SCALE:-full}
+RUNS=${RUNS:-pgd_at,sovr}
+SEEDS=${SEEDS:-0}
+CHECK=${CHECK-}
+N=${N:-10000}
+CHECK_N=${CHECK_N:-1000}
 ATTACKS=${ATTACKS:-}
-PARALLEL=${PARALLEL:-4}
-DEADLINE=${DEADLINE:-560}          # seconds from the start by which everything has ended
-DATA=${DATA:-_carry/data/cifar10-jpeg.tar.gz}
+DEADLINE=${DEADLINE:-540}          # seconds from the start by which everything has ended
+ATTACK_S=${ATTACK_S:-150}          # kept for AutoAttack after training
+DATA=${DATA:-_data/cifar10-jpeg.tar.gz}
 WORK=${WORK:-/tmp/study}
 START=$(date +%s)
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
@@ -32,54 +40,51 @@ export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
-mkdir -p "$WORK"
-LOG="$OUT/log.txt"
-exec > >(tee -a "$LOG") 2>&1
+mkdir -p "$WORK" "$OUT/cells"
+exec > >(tee -a "$OUT/log.txt") 2>&1
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true)
-python -c "import jax, flax, torch; print(jax.__version__, flax.__version__, torch.__version__, jax.devices())"
+python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
-STUDY=(python -m scripts.study --scale "$SCALE" --workdir "$WORK" --out "$OUT/study_$SCALE.json"
-       --runs "$RUNS" --sweep "$SWEEP" --data "$DATA" --reference "$REFERENCE" --n "$N"
-       --attacks "$ATTACKS" --aa_batch_size "$N" --cache_dir "${CACHE_DIR:-}")
-save_logs() { tar czf "$OUT/logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log */report.json \
-  */compare.json */autoattack_jax.json 2>/dev/null) 2>/dev/null || true; }
+STUDY=(python -m scripts.study --scale "$SCALE" --workdir "$WORK" --data "$DATA" --n "$N"
+       --check_n "$CHECK_N" --attacks "$ATTACKS" --aa_batch_size "${AA_BATCH:-1000}"
+       --attack_dtype "${AA_DTYPE:-float32}"
+       --cache_dir "${CACHE_DIR:-}")
+save_logs() { tar czf "$OUT/logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log 2>/dev/null) \
+  2>/dev/null || true; }
 
-echo "=== train ($(date +%T), $(left) s left)"
-# Training may take what is left minus the time AutoAttack needs (ATTACK_S).
-ATTACK_S=${ATTACK_S:-270}
-timeout "$(( $(left) - ATTACK_S ))" "${STUDY[@]}" --stages train,collect --parallel "$PARALLEL" \
-  --train_timeout "$(( $(left) - ATTACK_S - 10 ))"
-save_logs
+# Decode the images once, before the cells start side by side.
+timeout "$(left)" python -c "
+from configs import study; from sovr_jax import data
+d = study.get_config('sovr,$SCALE').data
+data.load_dataset(d.name, source=d.source, path='$DATA', cache_dir='${CACHE_DIR:-}' or None,
+                  val_size=d.val_size)"
 
-if [ -n "$REFERENCE" ]; then  # method runs (not sweep runs), comma-separated
-  echo "=== AutoAttack, side by side on $REFERENCE ($(date +%T), $(left) s left)"
-  # At most COMPARE_S, so that the other runs' attacks keep the rest.
-  COMPARE_S=${COMPARE_S:-190}
-  t=$(( $(left) - 60 )); [ "$t" -gt "$COMPARE_S" ] && t=$COMPARE_S
-  timeout "$(( t + 10 ))" "${STUDY[@]}" --stages attack,collect --runs "$REFERENCE" \
-    --sweep "" --aa_timeout "$t"
-  save_logs
-fi
+cell() {  # RUN SEED: train, attack, write the cell; then the check if asked for
+  local run=$1 seed=$2 name="$1_s$2"
+  local one=(--runs "$run" --seeds "$seed")
+  echo "=== $name: train ($(date +%T), $(left) s left)"
+  timeout "$(( $(left) - ATTACK_S ))" "${STUDY[@]}" "${one[@]}" --stages train --out /dev/null \
+    --parallel 1 --train_timeout "$(( $(left) - ATTACK_S - 5 ))"
+  echo "=== $name: AutoAttack on $N points ($(date +%T), $(left) s left)"
+  timeout "$(( $(left) - 15 ))" "${STUDY[@]}" "${one[@]}" --stages attack,collect \
+    --out "$OUT/cells/$name.json" --aa_timeout "$(( $(left) - 20 ))"
+  if [[ ",$CHECK," == *",$name,"* ]] && [ "$(left)" -gt 60 ]; then
+    echo "=== $name: both engines on $CHECK_N points ($(date +%T), $(left) s left)"
+    timeout "$(( $(left) - 10 ))" "${STUDY[@]}" "${one[@]}" --stages attack,collect \
+      --check "$name" --out "$OUT/cells/$name.json" --aa_timeout "$(( $(left) - 15 ))"
+  fi
+  echo "=== $name: done ($(date +%T), $(left) s left)"
+}
 
-echo "=== JAX AutoAttack on the other runs, in parallel ($(date +%T), $(left) s left)"
-others=$(python - "$RUNS" "$SWEEP" "$REFERENCE" <<'EOF'
-import sys
-sys.path.insert(0, ".")
-from scripts import study
-names = study.run_specs(sys.argv[1], sys.argv[2])
-print(" ".join(n for n in names if n not in sys.argv[3].split(",")))
-EOF
-)
-budget=$(( $(left) - 15 ))
 pids=()
-for name in $others; do
-  method=${name%%_rho*}
-  if [ "$method" != "$name" ]; then args=(--runs "" --sweep "${name#sovr_rho}"); else args=(--runs "$name" --sweep ""); fi
-  timeout "$budget" "${STUDY[@]}" --stages attack "${args[@]}" --reference "" \
-    --aa_timeout "$budget" &
-  pids+=($!)
+for run in ${RUNS//,/ }; do
+  for seed in ${SEEDS//,/ }; do
+    cell "$run" "$seed" &
+    pids+=($!)
+  done
 done
 [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"   # (a bare wait would also wait for tee)
-timeout 10 "${STUDY[@]}" --stages collect
+timeout 20 "${STUDY[@]}" --runs "$RUNS" --seeds "$SEEDS" --check "$CHECK" --stages collect \
+  --out "$OUT/study_$SCALE.json"
 save_logs
 echo "=== done ($(date +%T), $(left) s left)"

@@ -1,4 +1,5 @@
-"""The reproduction study's driver (scripts/study.py), its config and its plots, at tiny scale."""
+"""The reproduction study's driver (scripts/study.py), its config, its GPU script and its
+tables, at tiny scale."""
 
 import json
 import os
@@ -10,23 +11,26 @@ import pytest
 from configs import study as study_config
 from scripts import plot_study, study
 from sovr_jax import config_lib
+from sovr_jax.evaluation import schema
 
 from tests.test_data import CIFAR_TARBALL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_run_specs():
-  specs = study.run_specs("pgd_at,sovr", "0.2,0.6")
-  assert specs == {"pgd_at": ("pgd_at", []), "sovr": ("sovr", []),
-                   "sovr_rho0.2": ("sovr", ["--config.sovr.ovr_fraction=0.2"]),
-                   "sovr_rho0.6": ("sovr", ["--config.sovr.ovr_fraction=0.6"])}
-  with pytest.raises(ValueError, match="Unknown method 'sovrr'"):
-    study.run_specs("sovrr", "")
+def test_cells_and_runs():
+  c = study.cells("pgd_at,sovr_ovr_mean", "0,1", "0.2")
+  assert list(c) == ["pgd_at_s0", "pgd_at_s1", "sovr_ovr_mean_s0", "sovr_ovr_mean_s1",
+                     "sovr_rho0.2_s0", "sovr_rho0.2_s1"]
+  assert c["pgd_at_s1"] == ("pgd_at", ["--config.seed=1"], 1)
+  assert c["sovr_ovr_mean_s0"][1] == ["--config.sovr.ovr_reduce=mean", "--config.seed=0"]
+  assert c["sovr_rho0.2_s0"][1][0] == "--config.sovr.ovr_fraction=0.2"
+  with pytest.raises(ValueError, match="Unknown run 'sovrr'"):
+    study.cells("sovrr", "0")
   with pytest.raises(ValueError, match=r"in \(0, 1\]"):
-    study.run_specs("", "1.5")
+    study.cells("", "0", "1.5")
   with pytest.raises(ValueError, match="Nothing to run"):
-    study.run_specs("", "")
+    study.cells("", "0")
 
 
 @pytest.mark.parametrize("scale", study_config.SCALES)
@@ -36,109 +40,151 @@ def test_study_configs_validate(scale):
     config_lib.validate(cfg)
     assert cfg.method == method and cfg.data.source == "image_folder"
     assert cfg.attack.eps == pytest.approx(8 / 255)
+
+
+def test_full_scale_is_the_compressed_recipe_and_lengthens_with_its_shape():
+  cfg = study_config.get_config("pgd_at")
+  assert (cfg.train.epochs, tuple(cfg.train.lr_boundaries)) == (36, (27, 32))
+  assert cfg.model.width == 1.0 and cfg.data.num_train == 0 and cfg.precision == "bfloat16"
+  assert cfg.train.batch_size == 512 and cfg.train.lr == 0.2
+  long = study_config.get_config("pgd_at,full,60")
+  assert (long.train.epochs, tuple(long.train.lr_boundaries)) == (60, (45, 54))
   with pytest.raises(ValueError, match="Unknown study scale 'huge'"):
     study_config.get_config("sovr,huge")
+  with pytest.raises(ValueError, match="full scale only"):
+    study_config.get_config("sovr,cpu,60")
 
 
 def test_curves_merge_log_lines_and_epoch_lines(tmp_path):
-  path = tmp_path / "metrics.jsonl"
   lines = [{"step": 2, "epoch": 1, "loss": 2.0, "adv_acc": 0.1},
            {"step": 4, "epoch": 1, "loss": 1.0, "adv_acc": 0.3},
            {"step": 4, "epoch": 1, "val_pgd_acc": 0.2, "val_clean_acc": 0.5, "epoch_time_s": 3.0},
            {"step": 6, "epoch": 2, "loss": 0.5, "adv_acc": 0.4}]
-  path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-  curves = study._curves(str(path))
+  (tmp_path / "metrics.jsonl").write_text(
+      "\n".join(json.dumps(line) for line in lines) + '\n{"step": 7, "ep')  # a torn last line
+  curves = study.curves(str(tmp_path))
   assert [c["epoch"] for c in curves] == [1, 2]
   assert curves[0]["loss"] == pytest.approx(1.5) and curves[0]["adv_acc"] == pytest.approx(0.2)
   assert curves[0]["val_pgd_acc"] == 0.2 and "val_pgd_acc" not in curves[1]
 
 
-def test_attack_stage_engines_and_collect(tmp_path, monkeypatch):
-  """--reference runs go side by side; the others to --aa_engine's AutoAttack, whose JSON
-  collect files under that engine."""
-  for name in ("pgd_at", "sovr"):
+def test_attack_stage_commands(tmp_path, monkeypatch):
+  """The JAX engine on --n points for every trained cell; both engines on --check_n for the
+  --check cells."""
+  for name in ("pgd_at_s0", "sovr_s0"):
     (tmp_path / name).mkdir()
     (tmp_path / name / "report.json").write_text("{}")
   calls = []
-  monkeypatch.setattr(study, "_run", lambda cmd, log, timeout: calls.append(cmd) or {"ok": True, "seconds": 0.0})
-  args = study._parser().parse_args([f"--workdir={tmp_path}", "--out=x", "--reference=sovr",
-                                     "--aa_engine=reference", "--threads=1", "--device=cpu"])
-  status = study.attack_stage(study.run_specs("pgd_at,sovr,gairat", ""), args)
-  assert set(status) == {"pgd_at", "sovr"}  # gairat is not trained: nothing to attack
-  outs = {next(a for a in cmd if a.startswith("--out=")): cmd for cmd in calls}
-  pgd = outs[f"--out={tmp_path}/pgd_at/autoattack.json"]
-  sovr = outs[f"--out={tmp_path}/sovr/compare.json"]
-  assert "--engine=reference" in pgd
-  assert any(a.endswith("compare_autoattack.py") for a in sovr)
-  assert "--threads=1" in pgd and "--threads=1" in sovr and "--device=cpu" in pgd
+  monkeypatch.setattr(study, "_run", lambda cmd, log, timeout: calls.append(cmd) or {
+      "ok": True, "seconds": 0.0})
+  args = study._parser().parse_args([f"--workdir={tmp_path}", "--out=x", "--check=sovr_s0",
+                                     "--threads=1", "--device=cpu", "--n=10000"])
+  status = study.attack_stage(study.cells("pgd_at,sovr,gairat", "0"), args)
+  assert set(status) == {"pgd_at_s0", "sovr_s0"}  # gairat is not trained: nothing to attack
+  arg = lambda cmd, flag: next(a for a in cmd if a.startswith(flag)).split("=", 1)[1]  # noqa
+  engines = sorted((arg(c, "--engine="), arg(c, "--n="), os.path.basename(arg(c, "--workdir=")))
+                   for c in calls)
+  assert engines == [("both", "1000", "sovr_s0"), ("jax", "10000", "pgd_at_s0"),
+                     ("jax", "10000", "sovr_s0")]
+  both = next(c for c in calls if "--engine=both" in c)
+  assert "--threads=1" in both and "--device=cpu" in both
 
-  (tmp_path / "pgd_at" / "autoattack.json").write_text(json.dumps(
-      {"robust_acc": 0.3, "n": 10, "unrelated": 1}))
-  monkeypatch.setattr(study, "_curves", lambda path: [])
-  (tmp_path / "pgd_at" / "report.json").write_text(json.dumps(
-      {"test": {}, "margins": {"std": 1.0, "histogram": [1]}, "config": {}}))
-  runs = study.collect(study.run_specs("pgd_at", ""), args, {})["runs"]
-  assert runs["pgd_at"]["autoattack"] == {"reference": {"robust_acc": 0.3, "n": 10}}
-  assert runs["pgd_at"]["margins_summary"] == {"std": 1.0}
+
+def _fake_result(robust, engine="jax", n=None):
+  robust = np.asarray(robust, bool)
+  n = len(robust)
+  return schema.build(engine, version="standard", attacks=("apgd-ce", "apgd-t", "fab-t",
+                                                           "square"),
+                      clean=np.ones(n, bool), robust=robust,
+                      broken_by=["" if r else "apgd-ce" for r in robust],
+                      per_attack=[schema.attack_entry("apgd-ce", robust_acc=robust.mean(),
+                                                      attacked=n, broken=int((~robust).sum()),
+                                                      time_s=1.0)]
+                      + [schema.attack_entry(a, robust_acc=robust.mean(), attacked=0, broken=0,
+                                             time_s=0.0) for a in ("apgd-t", "fab-t", "square")],
+                      eps=8 / 255, norm="linf", seed=0, batch_size=n, settings={}, checks={},
+                      model={}, dataset="cifar10")
+
+
+def _fake_study():
+  rng = np.random.default_rng(0)
+  cells = {}
+  for seed in (0, 1, 2):
+    base = rng.random(2000) < 0.45
+    better = base | (rng.random(2000) < 0.03)
+    for run, flags in (("pgd_at", base), ("sovr", better)):
+      cells[f"{run}_s{seed}"] = {
+          "run": run, "method": run, "seed": seed, "ovr_fraction": 0.4 if run == "sovr" else None,
+          "test": {"best": {"epoch": 30, "clean_acc": 0.8, "pgd_acc": 0.5, "cw_acc": 0.48}},
+          "autoattack": [{"role": "main", **_fake_result(flags)}]}
+  return {"study": "s", "scale": "full", "cells": cells}
+
+
+def test_tables_mean_std_and_the_paired_difference():
+  s = _fake_study()
+  runs = plot_study.run_table(s)
+  assert "| SOVR | 0,1,2 | 80.00 +- 0.00 |" in runs
+  rows = plot_study.paired(s, n_boot=500)
+  assert [r["seeds"] for r in rows] == [[0], [1], [2], [0, 1, 2]]
+  pooled = rows[-1]
+  assert pooled["mcnemar"]["a_only"] == 0 and pooled["mcnemar"]["b_only"] > 0
+  assert 0 < pooled["low"] < pooled["diff"] < pooled["high"] and pooled["mcnemar"]["p_value"] < 1e-6
+  table = plot_study.tables(s)
+  assert "| pooled | 0,1,2 | 2000 |" in table and "McNemar p" in table
+  assert plot_study.figure(s["cells"]["sovr_s0"])["engine"] == "jax"
+
+
+def test_merge_adds_cells_and_keeps_a_trained_cell_over_a_failed_rerun(tmp_path):
+  into = str(tmp_path / "study.json")
+  a = {"scale": "full", "cells": {"pgd_at_s0": {"test": {"best": 1}}}, "command": "a",
+       "created": "t0"}
+  json.dump(study.merge(into, a), open(into, "w"))
+  b = {"scale": "full", "cells": {"pgd_at_s0": {"status": "failed"}, "sovr_s0": {"test": 2}},
+       "command": "b", "created": "t1"}
+  merged = study.merge(into, b)
+  assert merged["cells"]["pgd_at_s0"] == {"test": {"best": 1}} and "sovr_s0" in merged["cells"]
+  assert merged["merges"][0]["cells"] == ["pgd_at_s0", "sovr_s0"]
+  with pytest.raises(ValueError, match="one schedule"):
+    study.merge(into, {**b, "scale": "gpu"})
 
 
 @pytest.mark.skipif(CIFAR_TARBALL is None, reason="no cifar10-jpeg.tar.gz")
 def test_gpu_study_script_at_tiny_scale(tmp_path):
-  """scripts/gpu_study.sh end to end on the CPU: train two runs at once, pyautoattack and the
-  JAX AutoAttack side by side on one, the JAX AutoAttack on the other, collect, plot."""
+  """scripts/gpu_study.sh end to end on the CPU: two cells trained at once, the JAX AutoAttack
+  on each, both engines side by side on one, one JSON per cell as soon as it is done, the
+  batch's JSON, merged into a study, plotted."""
   out_dir, work = tmp_path / "out", tmp_path / "runs"
   out_dir.mkdir()
-  env = dict(os.environ, OUT=str(out_dir), SCALE="tiny", RUNS="pgd_at", SWEEP="0.5",
-             REFERENCE="pgd_at", N="16", ATTACKS="apgd-ce", PARALLEL="2", DEADLINE="900",
-             ATTACK_S="300", DATA=str(CIFAR_TARBALL), WORK=str(work),
+  env = dict(os.environ, OUT=str(out_dir), SCALE="tiny", RUNS="pgd_at", SEEDS="0,1",
+             CHECK="pgd_at_s1", N="16", CHECK_N="16", ATTACKS="apgd-ce", DEADLINE="900",
+             ATTACK_S="300", AA_BATCH="16", DATA=str(CIFAR_TARBALL), WORK=str(work),
              CACHE_DIR=str(tmp_path / "cache"), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jc"))
   proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_study.sh")], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  out = out_dir / "study_tiny.json"
-  result = json.loads(out.read_text())
-  assert set(result["runs"]) == {"pgd_at", "sovr_rho0.5"}
-  assert {"log.txt", "logs.tar.gz", "study_tiny.json"} <= set(os.listdir(out_dir))
-  for run in result["runs"].values():
-    assert [c["epoch"] for c in run["curves"]] == [1, 2]
-    assert run["test"]["final"]["n"] == 64
-    assert len(run["margins"]["margins"]) == len(run["margins"]["small_margin"]) == 64
-    aa = run["autoattack"]["jax"]
-    assert aa["n"] == 16 and list(aa["robust_acc_after"]) == ["apgd-ce"]
-    assert aa["robust_acc"] <= aa["clean_acc"]
-  assert result["runs"]["sovr_rho0.5"]["ovr_fraction"] == 0.5
-  assert result["runs"]["pgd_at"]["ovr_fraction"] is None
-  ref = result["runs"]["pgd_at"]["autoattack"]["reference"]
-  assert ref["n"] == 16 and "apgd-ce" in ref["robust_acc_after"]
-
+  assert sorted(os.listdir(out_dir / "cells")) == ["pgd_at_s0.json", "pgd_at_s1.json"]
+  batch = json.loads((out_dir / "study_tiny.json").read_text())
+  for name, cell in batch["cells"].items():
+    assert [c["epoch"] for c in cell["curves"]] == [1, 2] and cell["seed"] == int(name[-1])
+    assert cell["test"]["final"]["n"] == 64 and cell["versions"]["jax"]
+    assert len(cell["margins"]["margins"]) == 64
+    main = [r for r in cell["autoattack"] if r["role"] == "main"]
+    assert len(main) == 1 and main[0]["n"] == 16 and len(main[0]["points"]["robust"]) == 16
+  check = batch["cells"]["pgd_at_s1"]
+  assert {r["engine"] for r in check["autoattack"] if r["role"] == "check"} == {
+      "jax", "reference"}
+  assert check["autoattack_check"]["rows"][0]["attack"] == "clean"
   # Rerunning the driver finds everything done: nothing is retrained or re-attacked.
   again = study.main(["--scale=tiny", f"--workdir={work}", f"--out={tmp_path / 'again.json'}",
-                      "--runs=pgd_at", "--sweep=0.5", "--reference=pgd_at", "--n=16",
-                      "--attacks=apgd-ce", "--data=/nonexistent"])
-  assert all(run["status"] is None for run in again["runs"].values())
-
-  written = plot_study.main(["--study", str(out), "--out", str(tmp_path / "fig")])
-  assert {os.path.basename(p) for p in written} == {
-      "fig_margins.png", "fig_curves.png", "fig_table.md"}  # one SOVR rho: no sweep plot
+                      "--runs=pgd_at", "--seeds=0,1", "--n=16", "--attacks=apgd-ce",
+                      "--data=/nonexistent"])
+  assert all(c["status"] is None for c in again["cells"].values())
+  into = str(tmp_path / "study.json")
+  study.main(["--merge_from", str(out_dir / "cells" / "pgd_at_s0.json"),
+              str(out_dir / "study_tiny.json"), "--into", into])
+  written = plot_study.main(["--study", into, "--out", str(tmp_path / "fig")])
+  assert {os.path.basename(p) for p in written} == {"fig_margins.png", "fig_curves.png",
+                                                    "fig_table.md"}
   table = (tmp_path / "fig_table.md").read_text()
-  assert "SOVR (rho=0.5)" in table and "AutoAttack (reference)" in table
-
-
-def test_sweep_points_and_table_from_json():
-  run = lambda method, rho, pgd, aa: {  # noqa: E731
-      "method": method, "ovr_fraction": rho,
-      "test": {"best": {"epoch": 3, "clean_acc": 0.8, "pgd_acc": pgd, "cw_acc": pgd - 0.01}},
-      "autoattack": {"jax": {"robust_acc": aa, "n": 100,
-                             "robust_acc_after": {"apgd-ce": aa}}} if aa else None}
-  s = {"study": "s", "scale": "tiny",
-       "runs": {"pgd_at": run("pgd_at", None, 0.40, 0.35),
-                "sovr": run("sovr", 0.4, 0.42, 0.37),
-                "sovr_rho0.8": run("sovr", 0.8, 0.41, None)}}
-  assert plot_study.sweep_points(s) == [(0.0, 0.35, 0.40, "jax"), (0.4, 0.37, 0.42, "jax"),
-                                        (0.8, None, 0.41, "")]
-  table = plot_study.table(s).splitlines()
-  assert len(table) == 5 and "AutoAttack (JAX)" in table[0]
-  assert "| SOVR | 3 | 80.00 | 42.00 | 41.00 | 37.00 (n=100) |" in table[3]
-  assert plot_study.aa_cell({"n": 10, "robust_acc_after": {"apgd-ce": 0.5, "fab-t": 0.4}}) \
-      == "40.00 after fab-t (n=10)"
-  assert np.isclose(plot_study.sweep_points(s)[1][1], 0.37)
+  assert "| PGD-AT | 0,1 |" in table
+  assert "<= " in table and "(APGD-CE, JAX, n=16)" in table  # a subset: an upper bound
