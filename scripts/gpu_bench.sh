@@ -18,8 +18,9 @@ part() {  # name, timeout (s), args...; every row is in $OUT/bench_NAME.json as 
   timeout "$t" python -m sovr_jax.bench $S "$@" --out "$OUT/bench_$name.json" 2>&1 | tail -n 40
 }
 # 1. PGD-AT, PreActResNet-18, bf16, batch 128 and 512, vs PyTorch eager f32 and bf16 autocast.
-part prn18_pgd_at 170 --archs preact_resnet18 --batches 128,512 --precisions bfloat16 \
-  --methods pgd_at --dispatch 1,4 --torch float32,amp --host_batches
+#    With and without the clean_acc metric's eval-mode forward (train.clean_acc_metric).
+part prn18_pgd_at 200 --archs preact_resnet18 --batches 128,512 --precisions bfloat16 \
+  --methods pgd_at --dispatch 1,4 --torch float32,amp --host_batches --clean_metric on,off
 # 2. Every method at batch 512 (overhead vs PGD-AT), bf16.
 part prn18_methods 160 --archs preact_resnet18 --batches 512 --precisions bfloat16 \
   --methods sovr,trades,mart,mail_at,gairat --torch "" --iters 10 --repeats 3
