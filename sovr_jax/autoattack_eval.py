@@ -132,8 +132,7 @@ def _target(args, eps):
 def _out_paths(args, engines) -> dict[str, str]:
   base = args.workdir or (os.path.dirname(os.path.abspath(args.export)) if args.export
                           else None)
-  names = {"reference": rundir.AUTOATTACK_FILES["reference"],
-           "jax": rundir.AUTOATTACK_FILES["jax"], "compare": rundir.AUTOATTACK_COMPARE_FILE}
+  names = {**rundir.AUTOATTACK_FILES, "compare": rundir.AUTOATTACK_COMPARE_FILE}
   if args.out and len(engines) == 1:
     return {engines[0]: os.path.abspath(args.out)}
   if args.out:  # --engine both --out X.json: X_reference.json, X_jax.json and X.json

@@ -33,7 +33,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from sovr_jax import data, default_config, jsonio, models, sharding, train
+from sovr_jax import data, default_config, jsonio, models, rundir, sharding, train
 
 
 def _bench_config(method: str, arch: str, width: float, batch: int, precision: str,
@@ -186,8 +186,7 @@ def bench_epoch(arch: str, *, width: float, batch: int, precision: str, num_step
   cfg.eval.margin_examples = batch
   with tempfile.TemporaryDirectory() as workdir:
     experiment.train_and_evaluate(cfg, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      epochs = [r for r in map(json.loads, f) if "epoch_time_s" in r]
+    epochs = [r for r in rundir.read_metrics(workdir) if "epoch_time_s" in r]
   steps = data.num_batches(num_images, batch)
   step = bench_jax("pgd_at", arch, width=width, batch=batch, precision=precision,
                    num_steps=num_steps, steps_per_dispatch=1, iters=iters, repeats=repeats)

@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 import sovr_jax
-from sovr_jax import jsonio, torch_models
+from sovr_jax import jsonio, rundir, torch_models
 from sovr_jax.errors import InvalidFileError, NotFoundError, SovrError
 
 #: Written into robustbench.json's "sovr_jax" section; bump on incompatible changes.
@@ -83,7 +83,8 @@ INSTALL_HINT = f"pip install --no-deps robustbench=={ROBUSTBENCH_VERSION}"
 #: The only input shape (C, H, W) RobustBench's CIFAR classes compute our function on.
 INPUT_SHAPE = (3, 32, 32)
 #: AutoAttack result files in a workdir (``sovr_jax.autoattack_eval``), preferred first.
-AUTOATTACK_FILES = (("reference", "autoattack.json"), ("jax", "autoattack_jax.json"))
+#: The run's AutoAttack results, in order of preference (the reference engine first).
+AUTOATTACK_FILES = tuple((e, rundir.AUTOATTACK_FILES[e]) for e in ("reference", "jax"))
 AUTOATTACK_ENGINES = {
     "reference": "reference engine: pyautoattack on the PyTorch export",
     "jax": "JAX engine: sovr_jax.attacks.autoattack on the JAX model",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sovr_jax import data
+from sovr_jax import data, image_folder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_TARBALL_CANDIDATES = (
@@ -195,7 +195,7 @@ def test_image_folder_labels_pixels_and_cache(tmp_path, monkeypatch):
   def fail(blob):
     raise AssertionError("decoder called although the cache is valid")
 
-  monkeypatch.setattr(data, "_decode_image", fail)
+  monkeypatch.setattr(image_folder, "_decode_image", fail)
   again = data.load_dataset("tiny", source="image_folder", path=str(folder),
                             val_size=2, seed=1, cache_dir=str(cache))
   assert (again.num_train, again.num_val) == (4, 2)
@@ -232,7 +232,7 @@ def test_image_folder_tarball_with_top_level_folder(tmp_path):
     with Image.open(folder / "train" / "b" / f"{i:02d}.jpg") as im:
       np.testing.assert_array_equal(ds.train_images[2 + i],
                                     np.asarray(im.convert("RGB")))
-  listing = data.list_image_folder(str(tgz))
+  listing = image_folder.list_image_folder(str(tgz))
   assert listing.root == "myset"
   assert listing.class_names == ("a", "b", "c")
   assert listing.num_images("train") == 6
@@ -358,7 +358,7 @@ def test_iterate_batches_is_a_function_of_seed_and_epoch():
 
 @pytest.mark.skipif(CIFAR_TARBALL is None, reason="no cifar10-jpeg.tar.gz")
 def test_cifar10_tarball_listing():
-  listing = data.list_image_folder(str(CIFAR_TARBALL))
+  listing = image_folder.list_image_folder(str(CIFAR_TARBALL))
   assert listing.class_names == data.CIFAR10_CLASSES
   assert all(listing.counts["train"][c] == 5000 for c in listing.class_names)
   assert all(listing.counts["test"][c] == 1000 for c in listing.class_names)

@@ -1,6 +1,6 @@
 """Tests for tfds with download=True: the original files, served from tmp_path as file:// URLs.
 
-Nothing here touches the network: every URL in ``data.DOWNLOADS`` that a test loads is
+Nothing here touches the network: every URL in ``downloads.DOWNLOADS`` that a test loads is
 replaced by a ``file://`` URL of a tiny fake in the real format (CIFAR's python-pickle tar.gz,
 MNIST's IDX .gz files, SVHN's .mat), with its true MD5.
 """
@@ -20,7 +20,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from sovr_jax import data
+from sovr_jax import data, downloads
 from sovr_jax.errors import DataError, DatasetNotFoundError
 
 
@@ -52,7 +52,7 @@ def _serve(monkeypatch, name, files, md5=None):
   """Points DOWNLOADS[name] at the local files {key: path} (their true MD5 unless md5=)."""
   entry = {key: dict(url=path.as_uri(), md5=md5 or _md5(path), file_name=path.name)
            for key, path in files.items()}
-  monkeypatch.setitem(data.DOWNLOADS, name, entry)
+  monkeypatch.setitem(downloads.DOWNLOADS, name, entry)
   return entry
 
 
@@ -202,7 +202,7 @@ def _mnist_files(tmp_path):
             "train_labels": np.array([5, 0, 4, 1, 9, 2], dtype=np.uint8),
             "test_images": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
             "test_labels": np.array([7, 2, 1], dtype=np.uint8)}
-  names = {k: v["file_name"] for k, v in data.DOWNLOADS["mnist"].items()}
+  names = {k: v["file_name"] for k, v in downloads.DOWNLOADS["mnist"].items()}
   files = {k: _idx_gz(src / names[k], a) for k, a in arrays.items()}
   return files, arrays
 
@@ -285,7 +285,7 @@ def test_unreachable_url_says_what_was_tried_and_how_to_fix(tmp_path, monkeypatc
   path, _, _ = _cifar10_fake(tmp_path)
   url = (tmp_path / "offline" / "cifar-10-python.tar.gz").as_uri()
   md5 = _md5(path)
-  monkeypatch.setitem(data.DOWNLOADS, "cifar10", {"archive": dict(
+  monkeypatch.setitem(downloads.DOWNLOADS, "cifar10", {"archive": dict(
       url=url, md5=md5, file_name="cifar-10-python.tar.gz")})
   with pytest.raises(DatasetNotFoundError) as info:
     _load("cifar10", tmp_path)
@@ -314,7 +314,7 @@ def test_no_internet_lists_every_file_of_the_data_set(tmp_path, monkeypatch, no_
   monkeypatch.setattr(urllib.request, "urlopen", offline)
   with pytest.raises(DatasetNotFoundError, match="name resolution") as info:
     _load("mnist", tmp_path)
-  for spec in data.DOWNLOADS["mnist"].values():
+  for spec in downloads.DOWNLOADS["mnist"].values():
     assert str(_cached(tmp_path, "mnist", spec["file_name"])) in str(info.value)
   assert _files_under(tmp_path / "cache") == []
 
