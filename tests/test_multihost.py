@@ -95,12 +95,12 @@ def _worker(argv: list[str]) -> None:
 
   train_and_evaluate = experiment.train_and_evaluate
 
-  def recording_train_and_evaluate(cfg, workdir):
+  def recording_train_and_evaluate(cfg, workdir, **kwargs):
     info = {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "devices": [str(d) for d in jax.devices()],
             "local_devices": [str(d) for d in jax.local_devices()]}
     _check_global_batch(info)
-    report = train_and_evaluate(cfg, workdir)
+    report = train_and_evaluate(cfg, workdir, **kwargs)
     with open(path("report.json"), "w") as f:
       json.dump({"info": info, "report": report}, f, default=str)
     return report
