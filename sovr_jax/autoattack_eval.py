@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shlex
 import sys
 from typing import Any, Sequence
 
@@ -145,7 +146,9 @@ def _out_paths(args, engines) -> dict[str, str]:
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the evaluation for command-line ``argv``; returns {engine: result} (and
   "compare" for --engine both)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = _parser().parse_args(argv)
+  args.command = "python -m sovr_jax.autoattack_eval " + shlex.join(argv)
   attacks, settings = _check(args)
   eps = settings_lib.parse_eps(args.eps) if args.eps is not None else None
   engines = ("jax", "reference") if args.engine == "both" else (args.engine,)
@@ -171,7 +174,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if args.engine == "both":
     from sovr_jax.evaluation import compare  # pylint: disable=import-outside-toplevel
     results["compare"] = cmp = compare.compare(results["jax"], results["reference"])
-    cmp.update(files={e: outs[e] for e in engines}, command=rundir.command())
+    cmp.update(files={e: outs[e] for e in engines}, command=args.command)
     jsonio.write_json_atomic(outs["compare"], cmp)
     print(compare.format_table(cmp), flush=True)
   return results
@@ -207,7 +210,7 @@ def _run_engine(engine, args, target, attacks, settings, version, outs, upper
       _warn(f"AutoAttack robust accuracy {result['robust_acc']:.4f} is ABOVE the JAX model's "
             f"PGD-20 accuracy {ub['pgd20_acc']:.4f} on the same points: check the export, "
             f"eps, and that the attacks ran on the right model.")
-  result["command"] = rundir.command()
+  result["command"] = args.command
   schema.write(outs[engine], result)
   if engine == "reference":
     reference.clear_resume_files(outs[engine])

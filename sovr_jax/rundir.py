@@ -116,7 +116,7 @@ def command() -> str:
   """The command line of this process, as typed (``python -m module args``)."""
   main = sys.modules.get("__main__")
   spec = getattr(main, "__spec__", None)
-  head = (f"python -m {spec.name}" if spec is not None and spec.name
+  head = (f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None and spec.name
           else f"python {sys.argv[0]}")
   return " ".join([head] + sys.argv[1:])
 

@@ -330,7 +330,9 @@ def test_a_failed_start_leaves_no_trace_in_the_workdir(tmp_path, bad):
   with pytest.raises(error):
     experiment.train_and_evaluate(cfg, workdir)
   assert not os.path.exists(workdir)
-  experiment.train_and_evaluate(_cfg(train__epochs=1), workdir)  # the workdir is free
+  if bad == "batch larger than the data":  # the workdir is not pinned to the failed config
+    experiment.train_and_evaluate(_cfg(train__epochs=1), workdir)
+    assert rundir.read_config(workdir)["train"]["batch_size"] == 32
 
 
 # --------------------------------------------------------------------------------------------

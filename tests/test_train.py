@@ -230,10 +230,8 @@ def test_reweighting_is_off_before_its_start_epoch_and_on_after(method):
   on their weights change the loss. (A mean weight alone cannot tell: GAIRAT normalises it
   to 1.)"""
   start = {f"{s}__start_epoch": 1 for s in ("mail", "gairat")}
-  _, state, step, batch = _setup(method, model_name="preact_resnet18", batch=16,
-                                 model__width=0.0625, **start)
-  _, _, pgd_step, _ = _setup("pgd_at", model_name="preact_resnet18", batch=16,
-                             model__width=0.0625, **start)
+  _, state, step, batch = _setup(method, batch=16, **start)
+  _, _, pgd_step, _ = _setup("pgd_at", batch=16, **start)
   step, pgd_step = jax.jit(step), jax.jit(pgd_step)
   rng = jax.random.PRNGKey(2)
   for s, active in ((2, False), (5, True)):  # 4 steps per epoch: epoch 0, then epoch 1
@@ -274,12 +272,12 @@ def test_clean_term_gradients_match_the_formula(method):
   from sovr_jax import losses  # pylint: disable=import-outside-toplevel
   eps = 0.1 if method == "mart" else 0.0
   cfg, state, step, (images, labels) = _setup(
-      method, model_name="preact_resnet18", batch=8, model__width=0.0625, attack__eps=eps,
+      method, batch=8, attack__eps=eps,
       attack__step_size=eps, attack__num_steps=1, attack__init="zero", data__crop_pad=0,
       data__flip=False, train__lr=1.0, train__momentum=0.0, train__weight_decay=0.0,
       train__schedule="constant", mail__start_epoch=0)
   new_state, _ = jax.jit(step)(state, (images, labels), jax.random.PRNGKey(0))
-  model = models.get_model("preact_resnet18", num_classes=10, width=0.0625, mean=(0.5,),
+  model = models.get_model("small_cnn", num_classes=10, width=cfg.model.width, mean=(0.5,),
                            std=(0.25,))
   x = images.astype(np.float32) / 255.0
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -348,8 +346,7 @@ def test_dropping_the_clean_acc_metric_removes_a_forward_and_changes_nothing_els
   forward fewer in the compiled step (XLA drops the unused forward)."""
   out = {}
   for flag in (True, False):
-    cfg, state, step, batch = _setup("pgd_at", model_name="preact_resnet18", batch=8,
-                                     model__width=0.0625, train__clean_acc_metric=flag)
+    cfg, state, step, batch = _setup("pgd_at", batch=8, train__clean_acc_metric=flag)
     fn = jax.jit(step)
     flops = fn.lower(state, batch, jax.random.PRNGKey(0)).compile().cost_analysis()
     flops = (flops[0] if isinstance(flops, (list, tuple)) else flops)["flops"]
@@ -360,10 +357,10 @@ def test_dropping_the_clean_acc_metric_removes_a_forward_and_changes_nothing_els
   assert m_on["loss"] == m_off["loss"]
   for a, b in zip(jax.tree.leaves(s_on.params), jax.tree.leaves(s_off.params)):
     np.testing.assert_array_equal(a, b)
-  model = models.get_model("preact_resnet18", num_classes=10, width=0.0625, mean=(0.5,),
+  model = models.get_model("small_cnn", num_classes=10, width=cfg.model.width, mean=(0.5,),
                            std=(0.25,))
   fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
       {"params": s_on.params, "batch_stats": s_on.batch_stats},
-      jnp.zeros((8, 16, 16, 3))).compile().cost_analysis()
+      jnp.zeros((8, 28, 28, 1))).compile().cost_analysis()
   fwd = (fwd[0] if isinstance(fwd, (list, tuple)) else fwd)["flops"]
   assert f_on - f_off == pytest.approx(fwd, rel=0.1), (f_on, f_off, fwd)
