@@ -300,16 +300,12 @@ def _versions() -> dict[str, str]:
 
 def read_export_info(path: str) -> tuple[str, dict[str, Any]]:
   """(model.json path, its contents) for an export directory or a model.json path."""
-  json_path = os.path.join(path, INFO_FILE) if os.path.isdir(path) else path
-  if not os.path.exists(json_path):
-    raise NotFoundError(
-        f"No exported model at {path!r} ({json_path} not found). Export a training run first: "
-        f"python -m sovr_jax.export --workdir W --out DIR")
-  with open(json_path) as f:
-    info = json.load(f)
+  json_path, info = jsonio.read_json_in(
+      path, INFO_FILE, "Export a training run first: python -m sovr_jax.export --workdir W --out DIR")
   if not isinstance(info, dict) or info.get("format") != FORMAT:
-    raise InvalidFileError(f"{json_path} is not a sovr_jax export (format {info.get('format')!r} "
-                     f"where {FORMAT!r} was expected); re-export with python -m sovr_jax.export.")
+    found = info.get("format") if isinstance(info, dict) else type(info).__name__
+    raise InvalidFileError(f"{json_path} is not a sovr_jax export (format {found!r} where "
+                           f"{FORMAT!r} was expected); re-export with python -m sovr_jax.export.")
   return os.path.abspath(json_path), info
 
 

@@ -11,6 +11,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from sovr_jax.errors import InvalidFileError, NotFoundError
+
 
 def sha256(path: str) -> str:
   """The SHA-256 of a file, read in 1 MiB chunks (recorded next to exported weights)."""
@@ -19,6 +21,23 @@ def sha256(path: str) -> str:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
+
+
+def read_json_in(path: str, file_name: str, missing: str) -> tuple[str, Any]:
+  """(JSON path, contents) of ``file_name`` in directory ``path``, or of ``path`` itself.
+
+  A missing file raises NotFoundError ending in the hint ``missing`` (what to run to make it);
+  a file that is not JSON raises InvalidFileError naming it.
+  """
+  json_path = os.path.join(path, file_name) if os.path.isdir(path) else path
+  if not os.path.exists(json_path):
+    raise NotFoundError(f"No {file_name} at {path!r} ({json_path} not found). {missing}")
+  try:
+    with open(json_path) as f:
+      return json_path, json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise InvalidFileError(f"{json_path} is not valid JSON ({e}); it was cut short or "
+                           f"overwritten. {missing}") from None
 
 
 def to_jsonable(o: Any) -> Any:

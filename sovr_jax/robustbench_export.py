@@ -71,7 +71,7 @@ from torch import nn
 
 import sovr_jax
 from sovr_jax import jsonio, rundir, torch_models
-from sovr_jax.errors import InvalidFileError, NotFoundError, SovrError
+from sovr_jax.errors import InvalidFileError, SovrError
 
 #: Written into robustbench.json's "sovr_jax" section; bump on incompatible changes.
 FORMAT = "sovr_jax.robustbench/1"
@@ -701,13 +701,9 @@ def summary_line(result: Mapping[str, Any]) -> str:
 
 def read_info(path: str) -> tuple[str, dict[str, Any]]:
   """(robustbench.json path, its contents) for an export directory or the JSON's path."""
-  json_path = os.path.join(path, INFO_FILE) if os.path.isdir(path) else path
-  if not os.path.exists(json_path):
-    raise NotFoundError(
-        f"No RobustBench export at {path!r} ({json_path} not found). Export a training run "
-        f"with: python -m sovr_jax.export --workdir W --out DIR --robustbench")
-  with open(json_path) as f:
-    info = json.load(f)
+  json_path, info = jsonio.read_json_in(
+      path, INFO_FILE, "Export a training run with: python -m sovr_jax.export --workdir W "
+      "--out DIR --robustbench")
   section = info.get("sovr_jax") if isinstance(info, dict) else None
   if not isinstance(section, dict) or section.get("format") != FORMAT:
     raise InvalidFileError(f"{json_path} is not a sovr_jax RobustBench export (no 'sovr_jax' "

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sovr_jax import autoattack_eval, export
-from sovr_jax.errors import ConfigError
+from sovr_jax.errors import ConfigError, InvalidFileError
 from sovr_jax.evaluation import reference, schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,8 +66,13 @@ def test_bad_arguments_give_clear_errors(trained_tiny_run, tmp_path):
     run(["--workdir", trained_tiny_run, "--attacks", "apgd-xx", *FAST])
   with pytest.raises(FileNotFoundError, match="does not exist"):
     run(["--workdir", str(tmp_path / "nope"), *FAST])
-  with pytest.raises(FileNotFoundError, match="No exported model"):
+  with pytest.raises(FileNotFoundError, match="No model.json .* Export a training run first"):
     run(["--export", str(tmp_path), *FAST])
+  torn = tmp_path / "torn"
+  torn.mkdir()
+  (torn / "model.json").write_text('{"format": "sovr_jax.export/')  # cut short by a crash
+  with pytest.raises(InvalidFileError, match="model.json is not valid JSON"):
+    run(["--export", str(torn), *FAST])
   with pytest.raises(ConfigError, match="Give --workdir"):
     run(FAST)
   with pytest.raises(ConfigError, match="needs the JAX model"):

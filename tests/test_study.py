@@ -1,9 +1,11 @@
 """The reproduction study's driver (scripts/study.py), its config, its GPU script and its
 tables, at tiny scale."""
 
+import io
 import json
 import os
 import subprocess
+import tarfile
 
 import numpy as np
 import pytest
@@ -13,9 +15,28 @@ from scripts import plot_study, study
 from sovr_jax import config_lib
 from sovr_jax.evaluation import schema
 
-from tests.test_data import CIFAR_TARBALL
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+
+
+def _small_cifar_tarball(path, per_class=(("train", 33), ("test", 7))):
+  """A .tar.gz laid out as ../shared/data/cifar10-jpeg.tar.gz (train|test/<class>/NNNN.jpg,
+  CIFAR-10's classes), with random 32x32 JPEGs: enough for the tiny scale (256 train + 64
+  validation, 64 test) and decoded in a second, where the real 60,000 take minutes."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  with tarfile.open(path, "w:gz") as tar:
+    for split, n in per_class:
+      for cls in CIFAR10_CLASSES:
+        for i in range(n):
+          buf = io.BytesIO()
+          Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+          info = tarfile.TarInfo(f"{split}/{cls}/{i:04d}.jpg")
+          info.size = buf.tell()
+          buf.seek(0)
+          tar.addfile(info, buf)
+  return str(path)
 
 
 def test_cells_and_runs():
@@ -148,7 +169,6 @@ def test_merge_adds_cells_and_keeps_a_trained_cell_over_a_failed_rerun(tmp_path)
     study.merge(into, {**b, "scale": "gpu"})
 
 
-@pytest.mark.skipif(CIFAR_TARBALL is None, reason="no cifar10-jpeg.tar.gz")
 def test_gpu_study_script_at_tiny_scale(tmp_path):
   """scripts/gpu_study.sh end to end on the CPU: two cells trained at once, the JAX AutoAttack
   on each, both engines side by side on one, one JSON per cell as soon as it is done, the
@@ -157,7 +177,8 @@ def test_gpu_study_script_at_tiny_scale(tmp_path):
   out_dir.mkdir()
   env = dict(os.environ, OUT=str(out_dir), SCALE="tiny", RUNS="pgd_at", SEEDS="0,1",
              CHECK="pgd_at_s1", N="16", CHECK_N="16", ATTACKS="apgd-ce", DEADLINE="900",
-             ATTACK_S="300", AA_BATCH="16", DATA=str(CIFAR_TARBALL), WORK=str(work),
+             ATTACK_S="300", AA_BATCH="16", WORK=str(work),
+             DATA=_small_cifar_tarball(tmp_path / "cifar10-jpeg.tar.gz"),
              CACHE_DIR=str(tmp_path / "cache"), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jc"))
   proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_study.sh")], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=900, check=False)
