@@ -179,7 +179,7 @@ def test_gpu_study_script_at_tiny_scale(tmp_path):
              CHECK="pgd_at_s1", N="16", CHECK_N="16", ATTACKS="apgd-ce", DEADLINE="900",
              ATTACK_S="300", AA_BATCH="16", WORK=str(work),
              DATA=_small_cifar_tarball(tmp_path / "cifar10-jpeg.tar.gz"),
-             CACHE_DIR=str(tmp_path / "cache"), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jc"))
+             CACHE_DIR=str(tmp_path / "cache"))
   proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_study.sh")], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
