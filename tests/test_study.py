@@ -23,7 +23,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 def _small_cifar_tarball(path, per_class=(("train", 33), ("test", 7))):
   """A .tar.gz laid out as ../shared/data/cifar10-jpeg.tar.gz (train|test/<class>/NNNN.jpg,
   CIFAR-10's classes), with random 32x32 JPEGs: enough for the tiny scale (256 train + 64
-  validation, 64 test) and decoded in a second, where the real 60,000 take minutes."""
+  validation, 64 test) and decoded in a second, where the real 60,000 take tens of seconds."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   with tarfile.open(path, "w:gz") as tar:
