@@ -301,7 +301,8 @@ def _versions() -> dict[str, str]:
 def read_export_info(path: str) -> tuple[str, dict[str, Any]]:
   """(model.json path, its contents) for an export directory or a model.json path."""
   json_path, info = jsonio.read_json_in(
-      path, INFO_FILE, "Export a training run first: python -m sovr_jax.export --workdir W --out DIR")
+      path, INFO_FILE,
+      "Export a training run first: python -m sovr_jax.export --workdir W --out DIR")
   if not isinstance(info, dict) or info.get("format") != FORMAT:
     found = info.get("format") if isinstance(info, dict) else type(info).__name__
     raise InvalidFileError(f"{json_path} is not a sovr_jax export (format {found!r} where "
