@@ -42,36 +42,32 @@ from sovr_jax.errors import DataError
 # yann.lecun.com now refuses downloads. SVHN's host serves plain http only: the MD5 check is
 # what vouches for those files.
 _MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+_SVHN = "http://ufldl.stanford.edu/housenumbers/"
+
+
+def _file(url: str, md5: str) -> dict[str, str]:
+  """A ``DOWNLOADS`` entry, kept under the name its URL ends with."""
+  return dict(url=url, md5=md5, file_name=url.rsplit("/", 1)[1])
+
+
 DOWNLOADS: dict[str, dict[str, dict[str, str]]] = {
-    "cifar10": {
-        "archive": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                        md5="c58f30108f718f92721af3b95e74349a",
-                        file_name="cifar-10-python.tar.gz"),
-    },
-    "cifar100": {
-        "archive": dict(url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                        md5="eb9058c3a382ffc7106e4002c42a8d85",
-                        file_name="cifar-100-python.tar.gz"),
-    },
+    "cifar10": {"archive": _file("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                                 "c58f30108f718f92721af3b95e74349a")},
+    "cifar100": {"archive": _file("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                                  "eb9058c3a382ffc7106e4002c42a8d85")},
     "mnist": {
-        "train_images": dict(url=_MNIST_MIRROR + "train-images-idx3-ubyte.gz",
-                             md5="f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                             file_name="train-images-idx3-ubyte.gz"),
-        "train_labels": dict(url=_MNIST_MIRROR + "train-labels-idx1-ubyte.gz",
-                             md5="d53e105ee54ea40749a09fcbcd1e9432",
-                             file_name="train-labels-idx1-ubyte.gz"),
-        "test_images": dict(url=_MNIST_MIRROR + "t10k-images-idx3-ubyte.gz",
-                            md5="9fb629c4189551a2d022fa330f9573f3",
-                            file_name="t10k-images-idx3-ubyte.gz"),
-        "test_labels": dict(url=_MNIST_MIRROR + "t10k-labels-idx1-ubyte.gz",
-                            md5="ec29112dd5afa0611ce80d1b7f02629c",
-                            file_name="t10k-labels-idx1-ubyte.gz"),
+        "train_images": _file(_MNIST_MIRROR + "train-images-idx3-ubyte.gz",
+                              "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+        "train_labels": _file(_MNIST_MIRROR + "train-labels-idx1-ubyte.gz",
+                              "d53e105ee54ea40749a09fcbcd1e9432"),
+        "test_images": _file(_MNIST_MIRROR + "t10k-images-idx3-ubyte.gz",
+                             "9fb629c4189551a2d022fa330f9573f3"),
+        "test_labels": _file(_MNIST_MIRROR + "t10k-labels-idx1-ubyte.gz",
+                             "ec29112dd5afa0611ce80d1b7f02629c"),
     },
     "svhn_cropped": {
-        "train": dict(url="http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
-                      md5="e26dedcc434d2e4c54c9b2d4a06d8373", file_name="train_32x32.mat"),
-        "test": dict(url="http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
-                     md5="eb5a983be6a315427106f1b164d9cef3", file_name="test_32x32.mat"),
+        "train": _file(_SVHN + "train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+        "test": _file(_SVHN + "test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
     },
 }
 _DOWNLOAD_TIMEOUT_S = 60.0      # per socket operation, not for the whole file

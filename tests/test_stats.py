@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from scripts import plot_study
+from sovr_jax import study_report
 from sovr_jax import stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +84,7 @@ def test_margin_tables_in_results_md_come_from_the_code(scale):
     study = json.load(f)
   with open(os.path.join(REPO, "docs", "results.md")) as f:
     doc = f.read()
-  for row in plot_study.margin_table(study).splitlines()[2:]:
+  for row in study_report.margin_table(study).splitlines()[2:]:
     cells = [c.strip() for c in row.strip("|").split("|")]
     if "rho" in cells[0]:
       continue  # the sweep runs are in results/study_cpu_table.md only

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import study as study_config
-from scripts import plot_study, study
+from scripts import study
+from sovr_jax import study_report
 from sovr_jax import config_lib
 from sovr_jax.evaluation import schema
 
@@ -143,16 +144,16 @@ def _fake_study():
 
 def test_tables_mean_std_and_the_paired_difference():
   s = _fake_study()
-  runs = plot_study.run_table(s)
+  runs = study_report.run_table(s)
   assert "| SOVR | 0,1,2 | 80.00 +- 0.00 |" in runs
-  rows = plot_study.paired(s, n_boot=500)
+  rows = study_report.paired(s, n_boot=500)
   assert [r["seeds"] for r in rows] == [[0], [1], [2], [0, 1, 2]]
   pooled = rows[-1]
   assert pooled["mcnemar"]["a_only"] == 0 and pooled["mcnemar"]["b_only"] > 0
   assert 0 < pooled["low"] < pooled["diff"] < pooled["high"] and pooled["mcnemar"]["p_value"] < 1e-6
-  table = plot_study.tables(s)
+  table = study_report.tables(s)
   assert "| pooled | 0,1,2 | 2000 |" in table and "McNemar p" in table
-  assert plot_study.figure(s["cells"]["sovr_s0"])["engine"] == "jax"
+  assert study_report.figure(s["cells"]["sovr_s0"])["engine"] == "jax"
 
 
 def test_merge_adds_cells_and_keeps_a_trained_cell_over_a_failed_rerun(tmp_path):
@@ -203,7 +204,7 @@ def test_gpu_study_script_at_tiny_scale(tmp_path):
   into = str(tmp_path / "study.json")
   study.main(["--merge_from", str(out_dir / "cells" / "pgd_at_s0.json"),
               str(out_dir / "study_tiny.json"), "--into", into])
-  written = plot_study.main(["--study", into, "--out", str(tmp_path / "fig")])
+  written = study_report.main(["--study", into, "--out", str(tmp_path / "fig")])
   assert {os.path.basename(p) for p in written} == {"fig_margins.png", "fig_curves.png",
                                                     "fig_table.md"}
   table = (tmp_path / "fig_table.md").read_text()

@@ -1,0 +1,306 @@
+"""Figures and tables of the reproduction study, from the committed JSON alone.
+
+    python -m scripts.plot_study --study results/study_full.json --out results/study_full
+
+(the command is a thin entry point; the tables live here, in the package, for its tests.)
+
+writes OUT_margins.png (adversarial logit-margin histograms of training examples, one panel per
+run at seed 0, the paper's Figure 1 style), OUT_curves.png (validation clean and PGD-20 accuracy
+per epoch), OUT_sweep.png (SOVR's ovr_fraction against AutoAttack, PGD-AT as rho = 0) when the
+study has a sweep, and OUT_table.md, also printed: per cell clean / PGD-20 / CW-20 (upper bounds)
+/ AutoAttack; per run the mean +- std over seeds; SOVR - PGD-AT as a paired difference on the
+same test points per seed and pooled (McNemar's test, paired bootstrap 95 % interval;
+``sovr_jax.stats``), where both have per-point AutoAttack flags; and the margin statistics
+(``sovr_jax.stats.margin_statistics``, with bootstrap standard errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from sovr_jax import stats
+from sovr_jax.evaluation import schema
+
+LABELS = {"pgd_at": "PGD-AT", "sovr": "SOVR", "mail_at": "MAIL-AT", "gairat": "GAIRAT",
+          "trades": "TRADES", "mart": "MART", "ovr": "OVR", "standard": "standard",
+          "sovr_ovr_mean": "SOVR (OVR mean)", "sovr_clean_margin": "SOVR (clean margins)"}
+
+
+def label(run: str) -> str:
+  if run.startswith("sovr_rho"):
+    return f"SOVR (rho={run.removeprefix('sovr_rho')})"
+  return LABELS.get(run, run)
+
+
+def _pct(v) -> str:
+  return "-" if v is None else f"{100 * v:.2f}"
+
+
+def figure(cell: dict[str, Any]) -> dict[str, Any] | None:
+  """The cell's AutoAttack figure: the complete standard-version result on the most points
+  (the reference preferred at equal n), else None."""
+  full = [r for r in cell.get("autoattack") or []
+          if r.get("version") == "standard" and r.get("robust_acc") is not None]
+  if not full:
+    return None
+  return max(full, key=lambda r: (r["n"], r["engine"] == "reference"))
+
+
+def bounds(cell: dict[str, Any]) -> list[dict[str, Any]]:
+  """AutoAttack results that are upper bounds: an attack subset, or a run cut short."""
+  main = figure(cell)
+  return [r for r in cell.get("autoattack") or [] if r is not main
+          and (r.get("version") != "standard" or r.get("robust_acc") is None)]
+
+
+def _aa_text(r: dict[str, Any] | None) -> str:
+  if r is None:
+    return "-"
+  name = "JAX" if r["engine"] == "jax" else "reference"
+  if r.get("robust_acc") is not None and r.get("version") == "standard":
+    return f"{_pct(r['robust_acc'])} ({name}, n={r['n']})"
+  after = r.get("robust_acc_after") or {}
+  done = [a for a in r.get("attacks", after) if after.get(a) is not None]
+  return (f"<= {_pct(after[done[-1]])} ({' + '.join(a.upper() for a in done)}, {name}, "
+          f"n={r['n']})") if done else "-"
+
+
+def cell_table(study: dict[str, Any]) -> str:
+  """Markdown: one row per cell, the best-by-validation checkpoint."""
+  rows = ["| cell | best epoch | clean | PGD-20 (upper bound) | CW-20 (upper bound) | "
+          "AutoAttack | upper bounds from attack subsets | train time |",
+          "|---|---|---|---|---|---|---|---|"]
+  for name, cell in study["cells"].items():
+    t = (cell.get("test") or {}).get("best")
+    if not t:
+      st = cell.get("status") or {}
+      errs = [v.get("error") for v in st.values() if isinstance(v, dict) and v.get("error")]
+      rows.append(f"| {name} | not trained: {'; '.join(errs) or 'no report'} | | | | | | |")
+      continue
+    train_s = (cell.get("timings") or {}).get("train_s")
+    rows.append(f"| {name} | {t['epoch']} | {_pct(t['clean_acc'])} | {_pct(t['pgd_acc'])} | "
+                f"{_pct(t.get('cw_acc'))} | {_aa_text(figure(cell))} | "
+                f"{'; '.join(_aa_text(r) for r in bounds(cell)) or '-'} | "
+                f"{'-' if train_s is None else f'{train_s:.0f} s'} |")
+  return "\n".join(rows)
+
+
+def by_run(study: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
+  out: dict[str, dict[int, dict[str, Any]]] = {}
+  for cell in study["cells"].values():
+    out.setdefault(cell["run"], {})[int(cell["seed"])] = cell
+  return out
+
+
+def run_table(study: dict[str, Any]) -> str:
+  """Markdown: per run, mean +- std over its seeds of clean and AutoAttack accuracy."""
+  rows = ["| run | seeds | clean | AutoAttack | PGD-20 (upper bound) |", "|---|---|---|---|---|"]
+  for run, seeds in by_run(study).items():
+    done = {s: c for s, c in seeds.items() if (c.get("test") or {}).get("best")}
+    if not done:
+      continue
+    clean = stats.mean_std([c["test"]["best"]["clean_acc"] for c in done.values()])
+    pgd = stats.mean_std([c["test"]["best"]["pgd_acc"] for c in done.values()])
+    aa = [figure(c) for c in done.values()]
+    aa_ms = stats.mean_std([r["robust_acc"] for r in aa]) if all(aa) else None
+    rows.append(f"| {label(run)} | {','.join(map(str, sorted(done)))} | {_ms(clean)} | "
+                f"{_ms(aa_ms) if aa_ms else '-'} | {_ms(pgd)} |")
+  return "\n".join(rows)
+
+
+def _ms(m: dict[str, Any]) -> str:
+  return f"{100 * m['mean']:.2f}" + ("" if m["std"] is None else f" +- {100 * m['std']:.2f}")
+
+
+def paired(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
+           n_boot: int = 10000) -> list[dict[str, Any]]:
+  """b - a on the same test points, per seed and pooled over the seeds both have, from the
+  per-point AutoAttack flags of each cell's figure (same engine, same n)."""
+  runs = by_run(study)
+  flags = {}
+  for seed in sorted(set(runs.get(a, {})) & set(runs.get(b, {}))):
+    ra, rb = figure(runs[a][seed]), figure(runs[b][seed])
+    if not (ra and rb and "points" in ra and "points" in rb) or ra["n"] != rb["n"]:
+      continue
+    flags[seed] = (schema.decode_points(ra)["robust"], schema.decode_points(rb)["robust"])
+  out = []
+  for seed, (fa, fb) in flags.items():
+    out.append({**stats.paired_bootstrap(fa, fb, n_boot=n_boot), "seeds": [seed],
+                "mcnemar": stats.mcnemar(fa, fb)})
+  if len(flags) > 1:
+    fa = np.stack([f[0] for f in flags.values()])
+    fb = np.stack([f[1] for f in flags.values()])
+    out.append({**stats.paired_bootstrap(fa, fb, n_boot=n_boot), "seeds": sorted(flags),
+                "mcnemar": stats.mcnemar(fa.ravel(), fb.ravel())})
+  return out
+
+
+def paired_table(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr") -> str:
+  rows = [f"| {label(b)} - {label(a)} | seeds | n per seed | difference (points) | 95 % interval "
+          f"(paired bootstrap) | robust under {label(b)} only / {label(a)} only | McNemar p |",
+          "|---|---|---|---|---|---|---|"]
+  for r in paired(study, a, b):
+    m = r["mcnemar"]
+    rows.append(f"| {'pooled' if len(r['seeds']) > 1 else 'seed'} | "
+                f"{','.join(map(str, r['seeds']))} | {r['n']} | {100 * r['diff']:+.2f} | "
+                f"[{100 * r['low']:+.2f}, {100 * r['high']:+.2f}] | {m['b_only']} / "
+                f"{m['a_only']} | {m['p_value']:.3g} |")
+  return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def margin_table(study: dict[str, Any]) -> str:
+  """Markdown: the margin statistics of every cell with raw margins (``stats``), +- one
+  bootstrap standard error."""
+  rows = ["| cell | n | std of margins | fraction with abs(margin) < 0.25 | "
+          "mean of the switched set (SOVR's selection, rho 0.4 unless named) |",
+          "|---|---|---|---|---|"]
+  for cell in study["cells"].values():
+    m = cell.get("margins")
+    if not m:
+      continue
+    s = stats.margin_statistics(m["margins"], m.get("small_margin"))
+    seed = int(cell["seed"])
+    name = label(cell["run"]) + (f" (seed {seed})" if seed else "")
+    rows.append(f"| {name} | {s['n']} | {s['std']:.2f} +- {s['std_se']:.2f} | "
+                f"{s['near_zero']:.2f} +- {s['near_zero_se']:.2f} | "
+                f"{s['mean_switched']:.2f} +- {s['mean_switched_se']:.2f} |")
+  return "\n".join(rows)
+
+
+def _seed0(study):
+  return [(name, c) for name, c in study["cells"].items() if int(c["seed"]) == 0]
+
+
+def plot_margins(study, path, plt):
+  cells = [(n, c) for n, c in _seed0(study) if c.get("margins")]
+  if not cells:
+    return False
+  allm = np.concatenate([np.asarray(c["margins"]["margins"]) for _, c in cells])
+  bins = np.linspace(np.percentile(allm, 0.5), np.percentile(allm, 99.5), 50)
+  cols = min(4, len(cells))
+  rows = math.ceil(len(cells) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False,
+                           sharex=True)
+  for ax, (_, cell) in zip(axes.flat, cells):
+    m = np.asarray(cell["margins"]["margins"])
+    ax.hist(m, bins, color="tab:blue", alpha=0.8)
+    if cell["method"] == "sovr":
+      small = np.asarray(cell["margins"]["small_margin"], bool)
+      ax.hist(m[small], bins, color="tab:orange", alpha=0.8,
+              label=f"switched to OVR ({small.mean():.0%})")
+      ax.legend(fontsize=7)
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_title(f"{label(cell['run'])}  (mean {m.mean():.2f})", fontsize=9)
+    ax.set_xlabel("logit margin on PGD examples", fontsize=8)
+  for ax in list(axes.flat)[len(cells):]:
+    ax.axis("off")
+  fig.suptitle(f"{study['study']} ({study['scale']}): adversarial logit margins of "
+               f"{cells[0][1]['margins']['n']} training examples, final models, seed 0",
+               fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def plot_curves(study, path, plt):
+  cells = [(n, c) for n, c in _seed0(study) if c.get("curves")]
+  if not cells:
+    return False
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+  for _, cell in cells:
+    val = [c for c in cell["curves"] if "val_pgd_acc" in c]
+    ep = [c["epoch"] for c in val]
+    a1.plot(ep, [c["val_pgd_acc"] for c in val], "o-", label=label(cell["run"]), ms=3)
+    a2.plot(ep, [c["val_clean_acc"] for c in val], "o-", label=label(cell["run"]), ms=3)
+  a1.set_title("validation PGD-20 accuracy (upper bound)", fontsize=9)
+  a2.set_title("validation clean accuracy", fontsize=9)
+  for a in (a1, a2):
+    a.set_xlabel("epoch")
+    a.grid(alpha=0.3)
+  a2.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def sweep_points(study) -> list[tuple[float, float | None, float]]:
+  """(rho, AutoAttack acc or None, PGD-20 acc) of the seed-0 SOVR cells and PGD-AT (rho 0)."""
+  pts = []
+  for _, cell in _seed0(study):
+    t = (cell.get("test") or {}).get("best")
+    if not t or cell["method"] not in ("sovr", "pgd_at") or cell["run"] in (
+        "sovr_ovr_mean", "sovr_clean_margin"):
+      continue
+    rho = 0.0 if cell["method"] == "pgd_at" else float(cell["ovr_fraction"])
+    f = figure(cell)
+    pts.append((rho, f["robust_acc"] if f else None, t["pgd_acc"]))
+  return sorted(pts, key=lambda p: p[0])
+
+
+def plot_sweep(study, path, plt):
+  pts = sweep_points(study)
+  if len([p for p in pts if p[0] > 0]) < 2:
+    return False
+  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", label="PGD-20 (upper bound)")
+  aa = [(p[0], p[1]) for p in pts if p[1] is not None]
+  if aa:
+    ax.plot(*zip(*aa), "o-", label="AutoAttack")
+  ax.set_xlabel("ovr_fraction rho (0 = PGD-AT, all CE)")
+  ax.set_ylabel("robust accuracy (test)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(f"SOVR ovr_fraction sweep ({study['scale']})", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def tables(study: dict[str, Any]) -> str:
+  parts = ["Per cell (best-by-validation checkpoint):", cell_table(study),
+           "Per run, over seeds:", run_table(study)]
+  pair = paired_table(study)
+  if pair:
+    parts += ["Paired on the same test points (AutoAttack, per-point flags):", pair]
+  parts += ["Adversarial logit margins of training examples (final models):",
+            margin_table(study)]
+  return "\n\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+  p = argparse.ArgumentParser(prog="python -m scripts.plot_study",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("--study", required=True, help="scripts/study.py's JSON")
+  p.add_argument("--out", required=True, help="output prefix")
+  args = p.parse_args(argv)
+  with open(args.study) as f:
+    study = json.load(f)
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  written = []
+  for suffix, fn in (("margins", plot_margins), ("curves", plot_curves), ("sweep", plot_sweep)):
+    path = f"{args.out}_{suffix}.png"
+    if fn(study, path, plt):
+      written.append(path)
+  md = tables(study)
+  with open(f"{args.out}_table.md", "w") as f:
+    f.write(md + "\n")
+  written.append(f"{args.out}_table.md")
+  print(md)
+  print("wrote " + ", ".join(written))
+  return written
+
+
+if __name__ == "__main__":
+  main()
