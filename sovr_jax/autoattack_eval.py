@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="no point can be broken, so every attack runs in full (timings only)")
   p.add_argument("--attack_dtype", choices=("float32", "bfloat16"), default="float32",
                  help="JAX engine: the dtype the attacks compute in (decisions in float32)")
+  p.add_argument("--apgd_runs_at_once", type=int, default=1,
+                 help="JAX engine: APGD runs batched into one call (9: APGD-T's 9 targets at "
+                      "once, on 9x the rows; the same points are broken)")
   p.add_argument("--jax_pgd", action="store_true",
                  help="also the JAX model's PGD-20 / CW-20 on the same points (upper bounds)")
   p.add_argument("--device", help="reference engine: cpu or cuda (default: cuda if available)")
@@ -94,6 +97,11 @@ def _check(args) -> tuple[tuple[str, ...], settings_lib.Settings]:
   if args.engine == "reference" and args.attack_dtype != "float32":
     raise ConfigError("--attack_dtype applies to --engine jax or both; the reference runs in "
                       "float32.")
+  if args.engine == "reference" and args.apgd_runs_at_once != 1:
+    raise ConfigError("--apgd_runs_at_once applies to --engine jax or both; the reference "
+                      "runs APGD's target classes one after the other.")
+  if args.apgd_runs_at_once < 1:
+    raise ConfigError(f"--apgd_runs_at_once must be >= 1, got {args.apgd_runs_at_once}.")
   if args.n < 1 or args.batch_size < 1 or args.threads < 0:
     raise ConfigError(f"--n and --batch_size must be >= 1 and --threads >= 0; got {args.n}, "
                       f"{args.batch_size}, {args.threads}.")
@@ -187,7 +195,9 @@ def _run_engine(engine, args, target, attacks, settings, version, outs, upper
     from sovr_jax.evaluation import jax_engine  # pylint: disable=import-outside-toplevel
     result = jax_engine.run(target, attacks=attacks, seed=args.seed,
                             batch_size=args.batch_size, settings=settings, version=version,
-                            attack_dtype=args.attack_dtype, log=_log, partial_out=outs[engine])
+                            attack_dtype=args.attack_dtype,
+                            apgd_runs_at_once=args.apgd_runs_at_once, log=_log,
+                            partial_out=outs[engine])
   else:
     from sovr_jax.evaluation import reference  # pylint: disable=import-outside-toplevel
     torch = reference.import_torch()

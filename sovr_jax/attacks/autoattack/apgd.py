@@ -265,14 +265,25 @@ def apgd_run(model_fn: ModelFn, x: Array, y: Array, x_init: Array, *, eps: float
 def apgd(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
          norm: str = "linf", loss: str = "ce", n_iter: int = 100, n_restarts: int = 1,
          target_class: int | None = None, n_target_classes: int = 9, rho: float = 0.75,
-         active: Array | None = None, early_stop: bool = True) -> Array:
+         active: Array | None = None, early_stop: bool = True, runs_at_once: int = 1) -> Array:
   """APGD (the reference's ``APGDAttack.perturb`` / ``APGDAttack_targeted.perturb``).
 
   Points misclassified on x (or not ``active``) are left as x. For ``loss`` "ce" / "dlr" the
   attack runs ``n_restarts`` times; for "dlr-targeted" it runs ``n_restarts`` times for each
   target class t(k) = the class with the k-th largest clean logit, k = ``target_class`` if given
-  (2 = the runner-up), else k = 2 .. n_target_classes + 1 (APGD-T; capped at K). Each run
-  attacks only the points still robust, with a fresh random start.
+  (2 = the runner-up), else k = 2 .. n_target_classes + 1 (APGD-T; capped at K). Run j (in the
+  order target, then restart) starts from ``init_point(fold_in(rng, j), x)`` and attacks only
+  the points still robust; a broken point keeps the example of the first run that broke it.
+
+  ``runs_at_once`` = c > 1 batches c consecutive runs into one ``apgd_run`` on c x N rows (all
+  of APGD-T's 9 targets at once with c = 9): bigger convolutions for the same work where the
+  points stay robust, the usual case. The runs of one call attack the points robust at its
+  start, so a point broken by an earlier run of the call is attacked further, which costs work
+  but changes nothing: every row is computed independently, so the set of broken points is the
+  same as run by run (up to float rounding of other batch shapes) and so is the run whose
+  example is kept. Only with ``early_stop`` can the kept example differ, as a loop that runs
+  longer keeps a later misclassified iterate. c need not divide the number of runs (the slots
+  past the last run are computed, inactive).
 
   Args:
     model_fn: x -> logits [N, K].
@@ -281,6 +292,7 @@ def apgd(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
     active: [N] bool, the points to attack (default all).
     early_stop: skip runs with no robust point left and stop a run once all its points are
       broken (the result is the same; False runs everything in full, for timing).
+    runs_at_once: runs batched into one call (1: one after the other, as the reference).
 
   Returns:
     x_adv [N, ...]: the misclassified iterate for the broken points, x for the others.
@@ -288,6 +300,7 @@ def apgd(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
   common.check_common(x, y, eps=eps, norm=norm)
   common.check_choice("loss", loss, LOSSES)
   common.check_positive_int("n_restarts", n_restarts)
+  common.check_positive_int("runs_at_once", runs_at_once)
   x = jax.lax.stop_gradient(x)
   clean_logits = model_fn(x)
   num_classes = clean_logits.shape[-1]
@@ -306,34 +319,57 @@ def apgd(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
     ks = [1]  # unused
   ks = jnp.asarray(ks, jnp.int32)
   n_runs = int(ks.shape[0]) * n_restarts
+  c = min(runs_at_once, n_runs)
+  n = y.shape[0]
 
-  def one_run(j, carry):
+  def rows(a):
+    """[N, ...] -> [N * c, ...], point-major (row i * c + r), so a batch sharding of the
+    points carries over to the rows without moving data."""
+    return jnp.broadcast_to(a[:, None], (n, c) + a.shape[1:]).reshape((n * c,) + a.shape[1:])
+
+  def per_run(a):
+    """[N * c, ...] -> [c, N, ...]."""
+    return jnp.swapaxes(a.reshape((n, c) + a.shape[1:]), 0, 1)
+
+  def one_call(call, carry):
     robust, x_adv = carry
-    key = jax.random.fold_in(rng, j)
-    targets = (common.first_k_largest(clean_logits, ks[j // n_restarts])
-               if loss == "dlr-targeted" else None)
+    js = call * c + jnp.arange(c)              # the runs of this call, [c]
+    valid = js < n_runs
+    keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(js)
+    x_init = jax.vmap(lambda k: init_point(k, x, eps=eps, norm=norm), out_axes=1)(keys)
+    x_init = x_init.reshape((n * c,) + x.shape[1:])
+    targets = None
+    if loss == "dlr-targeted":
+      k = ks[jnp.minimum(js, n_runs - 1) // n_restarts]
+      targets = jax.vmap(lambda kk: common.first_k_largest(clean_logits, kk),
+                         out_axes=1)(k).reshape(n * c)
+    active_rows = (robust[:, None] & valid[None, :]).reshape(n * c)
 
     def attack(_):
-      run = apgd_run(model_fn, x, y, init_point(key, x, eps=eps, norm=norm), eps=eps,
-                     norm=norm, loss=loss, n_iter=n_iter, rho=rho,
-                     targets=targets,
-                     active=robust, early_stop=early_stop)
-      broken = robust & ~run.acc
-      return robust & ~broken, jnp.where(common.bcast(broken, x), run.x_best_adv, x_adv)
+      run = apgd_run(model_fn, rows(x), rows(y), x_init, eps=eps, norm=norm, loss=loss,
+                     n_iter=n_iter, rho=rho, targets=targets, active=active_rows,
+                     early_stop=early_stop)
+      acc, found = per_run(run.acc), per_run(run.x_best_adv)
+      new_robust, new_x = robust, x_adv
+      for r in range(c):                       # in run order: the first run that broke a point
+        broken = new_robust & ~acc[r] & valid[r]
+        new_x = jnp.where(common.bcast(broken, x), found[r], new_x)
+        new_robust = new_robust & ~broken
+      return new_robust, new_x
 
     if not early_stop:
       return attack(None)
     return jax.lax.cond(jnp.any(robust), attack, lambda _: (robust, x_adv), None)
 
-  _, x_adv = jax.lax.fori_loop(0, n_runs, one_run, (robust, x))
+  _, x_adv = jax.lax.fori_loop(0, -(-n_runs // c), one_call, (robust, x))
   return jax.lax.stop_gradient(x_adv)
 
 
 def apgd_targeted(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
                   norm: str = "linf", n_iter: int = 100, n_restarts: int = 1,
                   n_target_classes: int = 9, rho: float = 0.75, active: Array | None = None,
-                  early_stop: bool = True) -> Array:
+                  early_stop: bool = True, runs_at_once: int = 1) -> Array:
   """APGD-T: ``apgd`` with the targeted DLR loss on the top ``n_target_classes`` other classes."""
   return apgd(model_fn, x, y, rng, eps=eps, norm=norm, loss="dlr-targeted", n_iter=n_iter,
               n_restarts=n_restarts, n_target_classes=n_target_classes, rho=rho,
-              active=active, early_stop=early_stop)
+              active=active, early_stop=early_stop, runs_at_once=runs_at_once)
