@@ -13,6 +13,9 @@ multiply-adds of every convolution and matmul, counted on the jaxpr) times
 forward + backward), and the fraction of a matmul peak measured in the same run.
 ``--epoch`` also times a whole training epoch of the trainer itself, end to end
 (host batches, on-device augmentation, step, metrics), against the steps alone.
+``--profile DIR`` traces a few steps of every JAX case after its timing
+(``jax.profiler``) and adds where the device time goes, per kernel class, to
+its row (``sovr_jax.profiling``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from sovr_jax import data, default_config, jsonio, models, rundir, sharding, train
+from sovr_jax import (data, default_config, jsonio, models, profiling, rundir, sharding,
+                      train)
 
 
 def _bench_config(method: str, arch: str, width: float, batch: int, precision: str,
@@ -113,12 +117,14 @@ def _timed(fn: Callable[[], Any], *, iters: int, repeats: int, warmup: int = 2) 
 def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: str,
               num_steps: int, steps_per_dispatch: int, iters: int, repeats: int,
               image_shape=(32, 32, 3), num_classes: int = 10,
-              host_batches: bool = False, clean_metric: bool = True) -> dict[str, Any]:
+              host_batches: bool = False, clean_metric: bool = True,
+              profile_dir: str | None = None) -> dict[str, Any]:
   """Images/s of the jitted train step (the same step the trainer runs).
 
   host_batches=True also assembles every batch on the host from a uint8 data
   set (numpy gather + transfer, as the training loop does), to show whether the
-  input pipeline costs anything next to the step.
+  input pipeline costs anything next to the step. With ``profile_dir``, three more
+  calls are traced there and read per kernel class (the row's "profile").
   """
   cfg = _bench_config(method, arch, width, batch, precision, num_steps, steps_per_dispatch,
                       clean_metric)
@@ -160,7 +166,13 @@ def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: st
   # Forward equivalents per image (backward = 2 forwards): K attack steps of forward +
   # input gradient, the training forward + backward, and the metric's clean forward.
   passes = 2 * num_steps + 2 + (1 if clean_metric else 0)
-  return {"framework": "jax", "method": method, "arch": arch, "width": width, "batch": batch,
+  prof = {}
+  if profile_dir:
+    case = (f"{arch}_{method}_b{batch}_{precision}_k{k}"
+            f"{'_host' if host_batches else ''}{'' if clean_metric else '_noclean'}")
+    prof["profile"] = profiling.profile(one, logdir=os.path.join(profile_dir, case), steps=3)
+    print(f"profile of {case}:\n{profiling.format_table(prof['profile'])}", flush=True)
+  return {**prof, "framework": "jax", "method": method, "arch": arch, "width": width, "batch": batch,
           "precision": precision, "attack_steps": num_steps, "steps_per_dispatch": k,
           "host_batches": host_batches, "clean_acc_metric": clean_metric, "images_per_s": ips,
           "gflop_per_image": flops * passes / 1e9, "tflops": ips * flops * passes / 1e12}
@@ -288,6 +300,9 @@ def main(argv=None):
                  help="also time a PGD-AT training epoch end to end against its steps alone")
   p.add_argument("--epoch_images", type=int, default=50000,
                  help="--epoch: images per epoch (default: CIFAR-10's 50,000)")
+  p.add_argument("--profile", default="", metavar="DIR",
+                 help="trace 3 steps of every JAX case into DIR/<case> and add the device "
+                      "time per kernel class to its row")
   p.add_argument("--cpu_smoke", action="store_true",
                  help="tiny sizes for a CPU: width 1/16, batch 32, PGD-2, 2x2 timings, "
                  "256-image epochs")
@@ -335,7 +350,8 @@ def main(argv=None):
             for clean in [c == "on" for c in a.clean_metric.split(",")]:
               r = bench_jax(method, arch, width=a.width, batch=batch, precision=precision,
                             num_steps=a.attack_steps, steps_per_dispatch=k, iters=a.iters,
-                            repeats=a.repeats, clean_metric=clean)
+                            repeats=a.repeats, clean_metric=clean,
+                            profile_dir=a.profile or None)
               r["fraction_of_peak"] = r["tflops"] / peak
               if (arch, batch) in torch_ref:
                 r["ratio_vs_torch_eager_f32"] = r["images_per_s"] / torch_ref[(arch, batch)]

@@ -34,9 +34,10 @@ def test_jaxpr_flops_recurses_into_nested_jaxprs():
   assert bench._jaxpr_flops(looped.jaxpr) == 2 * 3 * 6 * 6  # the body once, not x4
 
 
-def test_cpu_smoke_rows():
+def test_cpu_smoke_rows(tmp_path):
   rows = bench.main(["--cpu_smoke", "--methods=pgd_at", "--dispatch=1", "--torch=float32",
-                     "--host_batches", "--epoch", "--iters=1", "--repeats=1"])
+                     "--host_batches", "--epoch", "--iters=1", "--repeats=1",
+                     f"--profile={tmp_path}"])
   by_kind = {(r["framework"], r.get("method"), r.get("host_batches"), "epoch_s" in r): r
              for r in rows}
   torch_row = by_kind[("torch", "pgd_at", None, False)]
@@ -51,6 +52,10 @@ def test_cpu_smoke_rows():
   assert pgd["gflop_per_image"] == pytest.approx(7 * fwd / 1e9)
   assert pgd["tflops"] == pytest.approx(pgd["images_per_s"] * pgd["gflop_per_image"] / 1e3)
   assert by_kind[("jax", "pgd_at", True, False)]["images_per_s"] > 0
+  # --profile: where the step's time goes, per kernel class (convolutions, on any backend).
+  prof = pgd["profile"]
+  assert prof["steps"] == 3 and prof["classes"]["convolution"]["ms_per_step"] > 0
+  assert sum(c["share"] for c in prof["classes"].values()) == pytest.approx(1.0)
   epoch = by_kind[("jax", "pgd_at", None, True)]
   assert epoch["epoch_images"] == 256 and epoch["epoch_s"] > 0
   assert epoch["overhead"] == pytest.approx(epoch["epoch_s"] / epoch["steps_only_s"] - 1)
