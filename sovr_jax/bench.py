@@ -21,6 +21,7 @@ its row (``sovr_jax.profiling``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -41,9 +42,11 @@ from sovr_jax import (data, default_config, jsonio, models, profiling, rundir, s
 
 
 def _bench_config(method: str, arch: str, width: float, batch: int, precision: str,
-                  num_steps: int, steps_per_dispatch: int, clean_metric: bool = True):
+                  num_steps: int, steps_per_dispatch: int, clean_metric: bool = True,
+                  fold_bn: bool = False):
   cfg = default_config.get_config(method)
   cfg.train.clean_acc_metric = clean_metric
+  cfg.attack.fold_bn = fold_bn
   cfg.model.name, cfg.model.width, cfg.precision = arch, width, precision
   cfg.train.batch_size = batch
   cfg.train.steps_per_dispatch = steps_per_dispatch
@@ -118,16 +121,17 @@ def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: st
               num_steps: int, steps_per_dispatch: int, iters: int, repeats: int,
               image_shape=(32, 32, 3), num_classes: int = 10,
               host_batches: bool = False, clean_metric: bool = True,
-              profile_dir: str | None = None) -> dict[str, Any]:
+              fold_bn: bool = False, profile_dir: str | None = None) -> dict[str, Any]:
   """Images/s of the jitted train step (the same step the trainer runs).
 
   host_batches=True also assembles every batch on the host from a uint8 data
   set (numpy gather + transfer, as the training loop does), to show whether the
-  input pipeline costs anything next to the step. With ``profile_dir``, three more
-  calls are traced there and read per kernel class (the row's "profile").
+  input pipeline costs anything next to the step. ``fold_bn``: attack.fold_bn. With
+  ``profile_dir``, three more calls are traced there and read per kernel class (the row's
+  "profile").
   """
   cfg = _bench_config(method, arch, width, batch, precision, num_steps, steps_per_dispatch,
-                      clean_metric)
+                      clean_metric, fold_bn)
   mesh = sharding.make_mesh()
   dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
   model = models.get_model(arch, num_classes=num_classes, width=width, dtype=dtype,
@@ -169,12 +173,14 @@ def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: st
   prof = {}
   if profile_dir:
     case = (f"{arch}_{method}_b{batch}_{precision}_k{k}"
-            f"{'_host' if host_batches else ''}{'' if clean_metric else '_noclean'}")
+            f"{'_host' if host_batches else ''}{'' if clean_metric else '_noclean'}"
+            f"{'_fold' if fold_bn else ''}")
     prof["profile"] = profiling.profile(one, logdir=os.path.join(profile_dir, case), steps=3)
     print(f"profile of {case}:\n{profiling.format_table(prof['profile'])}", flush=True)
   return {**prof, "framework": "jax", "method": method, "arch": arch, "width": width, "batch": batch,
           "precision": precision, "attack_steps": num_steps, "steps_per_dispatch": k,
-          "host_batches": host_batches, "clean_acc_metric": clean_metric, "images_per_s": ips,
+          "host_batches": host_batches, "clean_acc_metric": clean_metric, "fold_bn": fold_bn,
+          "images_per_s": ips,
           "gflop_per_image": flops * passes / 1e9, "tflops": ips * flops * passes / 1e12}
 
 
@@ -291,6 +297,9 @@ def main(argv=None):
   p.add_argument("--clean_metric", default="on",
                  help="on,off: the step with and without its clean_acc metric (an eval-mode "
                       "forward; train.clean_acc_metric), side by side")
+  p.add_argument("--fold_bn", default="off",
+                 help="off,on: the step with and without BatchNorm folded into the "
+                      "convolutions during the attack (attack.fold_bn), side by side")
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--torch", default="float32,amp", help="PyTorch variants ('' = none)")
@@ -347,10 +356,12 @@ def main(argv=None):
       for precision in a.precisions.split(","):
         for k in [int(d) for d in a.dispatch.split(",")]:
           for method in [m for m in a.methods.split(",") if m]:
-            for clean in [c == "on" for c in a.clean_metric.split(",")]:
+            for clean, fold in itertools.product(
+                [c == "on" for c in a.clean_metric.split(",")],
+                [f == "on" for f in a.fold_bn.split(",")]):
               r = bench_jax(method, arch, width=a.width, batch=batch, precision=precision,
                             num_steps=a.attack_steps, steps_per_dispatch=k, iters=a.iters,
-                            repeats=a.repeats, clean_metric=clean,
+                            repeats=a.repeats, clean_metric=clean, fold_bn=fold,
                             profile_dir=a.profile or None)
               r["fraction_of_peak"] = r["tflops"] / peak
               if (arch, batch) in torch_ref:

@@ -30,6 +30,8 @@ CHOICES = {
     "sovr.ovr_reduce": ("sum", "mean"),
     "train.schedule": ("piecewise", "cosine", "constant"),
 }
+#: Models whose BatchNorms the attack can fold into convolutions (``attack.fold_bn``).
+FOLD_BN_MODELS = ("preact_resnet18", "wrn34_10", "wrn28_10")
 
 #: The valid interval of every numeric field ("[" / "]" closed, "(" / ")" open). Values must
 #: also be finite. Fields whose range depends on others (epochs) are checked in ``validate``.
@@ -171,6 +173,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(not (a.norm == "linf" and a.eps > 1), "attack.eps",
            f"{a.eps:g} is larger than the [0, 1] image range; did you mean "
            f"{a.eps:g}/255 = {a.eps / 255:.6g}?")
+  _require(not a.fold_bn or cfg.model.name in FOLD_BN_MODELS, "attack.fold_bn",
+           f"folding BatchNorm is built for {list(FOLD_BN_MODELS)}, not "
+           f"model.name={cfg.model.name!r}; set attack.fold_bn=False.")
+  _require(not a.fold_bn or a.bn_mode == "eval", "attack.fold_bn",
+           "only eval-mode BatchNorm (running statistics) can be folded; it needs "
+           "attack.bn_mode='eval'.")
   _require(cfg.method != "gairat" or a.num_steps >= 2, "attack.num_steps",
            "GAIRAT needs at least 2 attack steps.")
   _require(t.warmup_epochs < t.epochs, "train.warmup_epochs",

@@ -58,7 +58,7 @@ CHECKPOINT_KINDS = ("best", "latest")
 #: taken trained (a prefix ending in "." covers a section). Each change is recorded in
 #: config_changes.jsonl and in the report; any other change is refused.
 RESUMABLE_FIELDS = ("train.epochs", "train.log_every_steps", "train.steps_per_dispatch",
-                    "train.clean_acc_metric",
+                    "train.clean_acc_metric", "attack.fold_bn",
                     "eval.", "checkpoint.", "data.path", "data.data_dir", "data.cache_dir",
                     "data.download")
 

@@ -109,6 +109,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, *, steps_per_epoch: int,
                             norm=a.norm, init=init, objective=spec.attack_objective or "ce")
   crop_pad, flip = int(cfg.data.crop_pad), bool(cfg.data.flip)
   needs_clean_margin = cfg.method == "sovr" and cfg.sovr.margin_on == "clean"
+  fold = {"fold_bn": True} if a.fold_bn else {}
 
   def train_step(state: TrainState, batch, rng):
     images, labels = batch
@@ -119,8 +120,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, *, steps_per_epoch: int,
       x = augment.random_crop_flip(aug_rng, x, pad=crop_pad, flip=flip)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
 
-    def eval_fn(v):
-      return state.apply_fn(variables, v, train=False)
+    def eval_fn(v):  # running statistics (folded into the convolutions with attack.fold_bn)
+      return state.apply_fn(variables, v, train=False, **fold)
 
     def batch_stats_fn(v):
       return state.apply_fn(variables, v, train=True, mutable=["batch_stats"])[0]

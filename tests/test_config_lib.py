@@ -134,3 +134,15 @@ def test_every_config_file_validates(name):
   mod = __import__(f"configs.{name}", fromlist=["get_config"])
   for method in ("sovr", "trades", "gairat", "mail_at"):
     config_lib.validate(mod.get_config(method))
+
+
+def test_fold_bn_needs_a_model_it_is_built_for_and_eval_mode_batchnorm():
+  cfg = tiny.get_config("sovr")
+  cfg.attack.fold_bn = True
+  with pytest.raises(ConfigError, match="'attack.fold_bn'.*not model.name='small_cnn'"):
+    config_lib.validate(cfg)
+  cfg.model.name = "preact_resnet18"
+  config_lib.validate(cfg)
+  cfg.attack.bn_mode = "batch"
+  with pytest.raises(ConfigError, match="'attack.fold_bn'.*bn_mode='eval'"):
+    config_lib.validate(cfg)

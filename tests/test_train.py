@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -364,3 +365,35 @@ def test_dropping_the_clean_acc_metric_removes_a_forward_and_changes_nothing_els
       jnp.zeros((8, 28, 28, 1))).compile().cost_analysis()
   fwd = (fwd[0] if isinstance(fwd, (list, tuple)) else fwd)["flops"]
   assert f_on - f_off == pytest.approx(fwd, rel=0.1), (f_on, f_off, fwd)
+
+
+def test_folding_batchnorm_in_the_attack_changes_the_step_only_by_rounding():
+  """attack.fold_bn: the attack's eval-mode forwards fold BatchNorm into the convolutions;
+  the update is the unfolded step's up to float32 rounding (the attack's sign steps see the
+  same gradients)."""
+  def activation_ops(jaxpr):  # rank-4 element-wise mul/add/sub, in nested jaxprs too
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name in ("mul", "add", "sub") and eqn.outvars[0].aval.ndim == 4
+      for p in eqn.params.values():
+        for sub in (p if isinstance(p, (list, tuple)) else [p]):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            n += activation_ops(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            n += activation_ops(sub)
+    return n
+
+  out, ops = {}, {}
+  for fold in (False, True):
+    _, state, step, batch = _setup("sovr", model_name="preact_resnet18", batch=8,
+                                   model__width=0.0625, attack__fold_bn=fold)
+    out[fold] = jax.jit(step)(state, batch, jax.random.PRNGKey(0))
+    ops[fold] = activation_ops(jax.make_jaxpr(step)(state, batch, jax.random.PRNGKey(0)).jaxpr)
+  # 8 blocks x 3 passes fewer in each eval-mode forward (clean, and the attack step's body).
+  assert ops[False] - ops[True] >= 2 * 8 * 3, ops
+  (ref_state, ref_m), (state, m) = out[False], out[True]
+  for k in ("loss", "adv_acc", "clean_acc", "margin"):
+    np.testing.assert_allclose(m[k], ref_m[k], rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                  jax.tree_util.tree_leaves(ref_state.params)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * (float(np.abs(b).max()) + 1e-6))

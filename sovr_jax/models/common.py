@@ -85,6 +85,10 @@ def conv(
   )
 
 
+#: BatchNorm's epsilon (PyTorch's default).
+BN_EPS = 1e-5
+
+
 def batch_norm(train: bool, *, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
   """BatchNorm matching PyTorch's defaults (momentum 0.1 in PyTorch = 0.9 here, eps 1e-5).
 
@@ -96,12 +100,38 @@ def batch_norm(train: bool, *, dtype: Dtype, name: str | None = None) -> nn.Batc
   return nn.BatchNorm(
     use_running_average=not train,
     momentum=0.9,
-    epsilon=1e-5,
+    epsilon=BN_EPS,
     dtype=dtype,
     param_dtype=PARAM_DTYPE,
     use_fast_variance=False,
     name=name,
   )
+
+
+def conv_bn(module: nn.Module, x: jax.Array, features: int, kernel: int, stride: int,
+            padding: int, *, train: bool, fold_bn: bool, dtype: Dtype, conv_name: str,
+            bn_name: str) -> jax.Array:
+  """``bn(conv(x))``: a convolution without bias, then BatchNorm, called inside ``module``'s
+  compact ``__call__`` (the variables are ``conv_name``'s and ``bn_name``'s either way).
+
+  With ``fold_bn`` in eval mode, the same map as one convolution with a bias: eval-mode
+  BatchNorm is the per-channel affine map bn(z) = (z - mean) * scale / sqrt(var + eps) + bias
+  = a z + b, so bn(conv(x, W)) = conv(x, W a) + b, with W a scaling the output channels of W
+  (float32, then cast to ``dtype``). Exact up to rounding; it saves the separate pass of the
+  BatchNorm over the activations (the attack's forwards and input gradients, where the weights
+  are fixed). Training mode (batch statistics) is never folded.
+  """
+  if not fold_bn or train or module.is_initializing():
+    z = conv(features, kernel, stride, padding, dtype=dtype, name=conv_name)(x)
+    return batch_norm(train, dtype=dtype, name=bn_name)(z)
+  params, stats = module.variables["params"], module.variables["batch_stats"]
+  a = params[bn_name]["scale"] * jax.lax.rsqrt(stats[bn_name]["var"] + BN_EPS)
+  b = params[bn_name]["bias"] - stats[bn_name]["mean"] * a
+  w = params[conv_name]["kernel"] * a  # HWIO: a scales the output channels
+  z = jax.lax.conv_general_dilated(
+    x.astype(dtype), w.astype(dtype), (stride, stride), ((padding, padding), (padding, padding)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return z + b.astype(dtype)
 
 
 def dense(features: int, *, dtype: Dtype, name: str | None = None) -> nn.Dense:

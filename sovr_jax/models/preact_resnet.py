@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import Dtype, batch_norm, check_logits, conv, dense, global_avg_pool, normalize, scaled
+from .common import (Dtype, batch_norm, check_logits, conv, conv_bn, dense, global_avg_pool,
+                     normalize, scaled)
 
 
 class PreActBlock(nn.Module):
@@ -29,14 +30,15 @@ class PreActBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fold_bn: bool = False) -> jax.Array:
     out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = conv(self.features, 1, self.stride, 0, dtype=self.dtype, name="shortcut")(out)
     else:
       shortcut = x
-    out = conv(self.features, 3, self.stride, 1, dtype=self.dtype, name="conv1")(out)
-    out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(out))
+    out = conv_bn(self, out, self.features, 3, self.stride, 1, train=train, fold_bn=fold_bn,
+                  dtype=self.dtype, conv_name="conv1", bn_name="bn2")
+    out = nn.relu(out)
     out = conv(self.features, 3, 1, 1, dtype=self.dtype, name="conv2")(out)
     return out + shortcut
 
@@ -61,7 +63,9 @@ class PreActResNet18(nn.Module):
   std: Sequence[float] = (1.0,)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fold_bn: bool = False) -> jax.Array:
+    """Logits [N, num_classes]; ``fold_bn`` (eval mode) folds each block's bn2 into its conv1
+    (``common.conv_bn``: the same function up to rounding)."""
     batch = x.shape[0]
     out = normalize(x, self.mean, self.std, self.dtype)
     out = conv(scaled(64, self.width), 3, 1, 1, dtype=self.dtype, name="conv1")(out)
@@ -72,7 +76,7 @@ class PreActResNet18(nn.Module):
           stride=stride if i == 0 else 1,
           dtype=self.dtype,
           name=f"layer{stage}_{i}",
-        )(out, train)
+        )(out, train, fold_bn)
     out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn")(out))
     out = global_avg_pool(out)
     logits = dense(self.num_classes, dtype=self.dtype, name="linear")(out)

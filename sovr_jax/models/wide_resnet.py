@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import Dtype, batch_norm, check_logits, conv, dense, global_avg_pool, normalize, scaled
+from .common import (Dtype, batch_norm, check_logits, conv, conv_bn, dense, global_avg_pool,
+                     normalize, scaled)
 
 
 class WideBasicBlock(nn.Module):
@@ -30,11 +31,11 @@ class WideBasicBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fold_bn: bool = False) -> jax.Array:
     equal_in_out = x.shape[-1] == self.features
     act = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
-    out = conv(self.features, 3, self.stride, 1, dtype=self.dtype, name="conv1")(act)
-    out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(out))
+    out = nn.relu(conv_bn(self, act, self.features, 3, self.stride, 1, train=train,
+                          fold_bn=fold_bn, dtype=self.dtype, conv_name="conv1", bn_name="bn2"))
     out = conv(self.features, 3, 1, 1, dtype=self.dtype, name="conv2")(out)
     if equal_in_out:
       shortcut = x
@@ -68,7 +69,9 @@ class WideResNet(nn.Module):
   std: Sequence[float] = (1.0,)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fold_bn: bool = False) -> jax.Array:
+    """Logits [N, num_classes]; ``fold_bn`` (eval mode) folds each block's bn2 into its conv1
+    (``common.conv_bn``: the same function up to rounding)."""
     if self.depth < 10 or (self.depth - 4) % 6 != 0:
       raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1; got depth={self.depth}")
     n = (self.depth - 4) // 6
@@ -83,7 +86,7 @@ class WideResNet(nn.Module):
           stride=stride if i == 0 else 1,
           dtype=self.dtype,
           name=f"block{group}_{i}",
-        )(out, train)
+        )(out, train, fold_bn)
     out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
     out = global_avg_pool(out)
     logits = dense(self.num_classes, dtype=self.dtype, name="fc")(out)
