@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The AutoAttack speed check of docs/autoattack.md, for one GPU session (about 8 minutes on an
+# The AutoAttack speed check of docs/autoattack.md, for one GPU session (about 10 minutes on an
 # H100 or H200): worst case (every point stays robust, every attack runs in full) on a
 # PreActResNet-18, the JAX AutoAttack in float32 and pyautoattack side by side, then the JAX
-# AutoAttack with its attacks on the bfloat16 network alone. One JSON per part in $OUT.
+# AutoAttack with its attacks on the bfloat16 network alone, then APGD-CE, APGD-T and FAB-T with
+# the 9 targets of APGD-T and of FAB-T in one call (--runs_at_once 9). One JSON per part in $OUT.
 # Carry _carry/pylib (pyautoattack without examples/) and, where absl/yaml are missing,
 # _carry/fallback.
 #   bash scripts/gpu_autoattack.sh                                   # on the device
@@ -23,4 +24,7 @@ timeout "${T_SIDE:-400}" "${CMP[@]}" --engine both --out "$OUT/worst_case_f32.js
 echo "=== JAX, attacks on the bfloat16 network ($(date +%T))"
 timeout "${T_BF16:-150}" "${CMP[@]}" --engine jax --attack_dtype bfloat16 \
   --out "$OUT/worst_case_jax_bf16.json"
+echo "=== JAX, float32, the 9 targets of APGD-T and FAB-T in one call ($(date +%T))"
+timeout "${T_BATCHED:-150}" "${CMP[@]}" --engine jax --runs_at_once 9 \
+  --attacks apgd-ce,apgd-t,fab-t --out "$OUT/worst_case_jax_runs_at_once.json"
 echo "=== done ($(date +%T))"

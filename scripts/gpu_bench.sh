@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark matrix of the performance issue, one JSON per part so that
-# a timeout keeps what finished. Runs from the repo root on the device machine:
-#   bash scripts/gpu_bench.sh            # writes $OUT/bench_*.json (about 8 min on an H100)
+# a timeout keeps what finished (part 0, the levers and the profile, first). Runs from the repo root on the device machine:
+#   bash scripts/gpu_bench.sh            # writes $OUT/bench_*.json (about 10 min on an H100)
 #   SMOKE=1 OUT=/tmp/o bash scripts/gpu_bench.sh   # the same parts at CPU sizes
 # ml_collections (and, where missing, absl/yaml) travel in _carry/ (see docs/performance.md).
 set -uo pipefail
@@ -17,6 +17,12 @@ part() {  # name, timeout (s), args...; every row is in $OUT/bench_NAME.json as 
   echo "=== $name ($(date +%T))"
   timeout "$t" python -m sovr_jax.bench $S "$@" --out "$OUT/bench_$name.json" 2>&1 | tail -n 40
 }
+# 0. The levers, side by side at batch 512, bf16, and where the time goes: the step with and
+#    without the clean_acc metric's forward and with and without BatchNorm folded into the
+#    attack's convolutions, each traced (3 steps) and read per kernel class into its row.
+part prn18_levers 150 --archs preact_resnet18 --batches 512 --precisions bfloat16 \
+  --methods pgd_at --clean_metric on,off --fold_bn off,on --torch float32 \
+  --profile "${PROFILE_DIR:-/tmp/sovr_profiles}"
 # 1. PGD-AT, PreActResNet-18, bf16, batch 128 and 512, vs PyTorch eager f32 and bf16 autocast.
 #    With and without the clean_acc metric's eval-mode forward (train.clean_acc_metric).
 part prn18_pgd_at 200 --archs preact_resnet18 --batches 128,512 --precisions bfloat16 \

@@ -70,9 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="no point can be broken, so every attack runs in full (timings only)")
   p.add_argument("--attack_dtype", choices=("float32", "bfloat16"), default="float32",
                  help="JAX engine: the dtype the attacks compute in (decisions in float32)")
-  p.add_argument("--apgd_runs_at_once", type=int, default=1,
-                 help="JAX engine: APGD runs batched into one call (9: APGD-T's 9 targets at "
-                      "once, on 9x the rows; the same points are broken)")
+  p.add_argument("--runs_at_once", type=int, default=1,
+                 help="JAX engine: APGD and FAB runs batched into one call (9: the 9 targets "
+                      "of APGD-T and FAB-T at once, on 9x the rows; the same points are broken)")
   p.add_argument("--jax_pgd", action="store_true",
                  help="also the JAX model's PGD-20 / CW-20 on the same points (upper bounds)")
   p.add_argument("--device", help="reference engine: cpu or cuda (default: cuda if available)")
@@ -97,11 +97,11 @@ def _check(args) -> tuple[tuple[str, ...], settings_lib.Settings]:
   if args.engine == "reference" and args.attack_dtype != "float32":
     raise ConfigError("--attack_dtype applies to --engine jax or both; the reference runs in "
                       "float32.")
-  if args.engine == "reference" and args.apgd_runs_at_once != 1:
-    raise ConfigError("--apgd_runs_at_once applies to --engine jax or both; the reference "
-                      "runs APGD's target classes one after the other.")
-  if args.apgd_runs_at_once < 1:
-    raise ConfigError(f"--apgd_runs_at_once must be >= 1, got {args.apgd_runs_at_once}.")
+  if args.engine == "reference" and args.runs_at_once != 1:
+    raise ConfigError("--runs_at_once applies to --engine jax or both; the reference "
+                      "runs the target classes one after the other.")
+  if args.runs_at_once < 1:
+    raise ConfigError(f"--runs_at_once must be >= 1, got {args.runs_at_once}.")
   if args.n < 1 or args.batch_size < 1 or args.threads < 0:
     raise ConfigError(f"--n and --batch_size must be >= 1 and --threads >= 0; got {args.n}, "
                       f"{args.batch_size}, {args.threads}.")
@@ -196,7 +196,7 @@ def _run_engine(engine, args, target, attacks, settings, version, outs, upper
     result = jax_engine.run(target, attacks=attacks, seed=args.seed,
                             batch_size=args.batch_size, settings=settings, version=version,
                             attack_dtype=args.attack_dtype,
-                            apgd_runs_at_once=args.apgd_runs_at_once, log=_log,
+                            runs_at_once=args.runs_at_once, log=_log,
                             partial_out=outs[engine])
   else:
     from sovr_jax.evaluation import reference  # pylint: disable=import-outside-toplevel

@@ -128,7 +128,7 @@ def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: st
   set (numpy gather + transfer, as the training loop does), to show whether the
   input pipeline costs anything next to the step. ``fold_bn``: attack.fold_bn. With
   ``profile_dir``, three more calls are traced there and read per kernel class (the row's
-  "profile").
+  "profile"), and the compiled step's HLO is counted (its "hlo": ``profiling.hlo_census``).
   """
   cfg = _bench_config(method, arch, width, batch, precision, num_steps, steps_per_dispatch,
                       clean_metric, fold_bn)
@@ -176,7 +176,10 @@ def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: st
             f"{'_host' if host_batches else ''}{'' if clean_metric else '_noclean'}"
             f"{'_fold' if fold_bn else ''}")
     prof["profile"] = profiling.profile(one, logdir=os.path.join(profile_dir, case), steps=3)
-    print(f"profile of {case}:\n{profiling.format_table(prof['profile'])}", flush=True)
+    args = (holder["state"], device_batch, key)
+    prof["hlo"] = profiling.hlo_census(fn.lower(*args).compile().as_text())
+    print(f"profile of {case}:\n{profiling.format_table(prof['profile'])}\n"
+          f"compiled step: {json.dumps(prof['hlo'])}", flush=True)
   return {**prof, "framework": "jax", "method": method, "arch": arch, "width": width, "batch": batch,
           "precision": precision, "attack_steps": num_steps, "steps_per_dispatch": k,
           "host_batches": host_batches, "clean_acc_metric": clean_metric, "fold_bn": fold_bn,

@@ -3,6 +3,9 @@
     python -m sovr_jax.bench --profile DIR ...     # traces every JAX case after timing it
     python -m sovr_jax.profiling DIR [--steps N]   # the table of a trace already taken
 
+``hlo_census`` counts what the compiled program launches (convolutions, fusions by kind, cuDNN
+and cuBLAS custom calls), from its optimized HLO; the benchmark adds it to each profiled row.
+
 ``jax.profiler.trace(DIR, create_perfetto_trace=True)`` writes
 ``DIR/plugins/profile/<run>/perfetto_trace.json.gz``, Chrome trace events. The device work is
 read from it as follows:
@@ -174,6 +177,52 @@ def profile(fn: Callable[[], Any], *, logdir: str, steps: int = 3) -> dict[str, 
       jax.block_until_ready(fn())
     wall = time.perf_counter() - t
   return read(logdir, steps=steps, wall_s=wall)
+
+
+#: HLO instructions that are bookkeeping, not work (left out of ``hlo_census``'s ops).
+_HLO_BOOKKEEPING = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast"})
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.-]+) ")
+_HLO_OP = re.compile(r"^\s*(?:ROOT )?%[\w.-]+ = .*?\s([a-z][\w-]*)\(")
+
+
+def hlo_census(hlo_text: str) -> dict[str, dict[str, int]]:
+  """What a compiled program launches, counted on its optimized HLO text
+  (``jitted.lower(...).compile().as_text()``), each instruction once (a loop body's too):
+
+  - "ops": the instructions outside fused computations, by opcode (``convolution``,
+    ``fusion``, ``custom-call``, ``copy``, ``transpose``, ``while`` ...; bookkeeping left out);
+  - "fusions": the fusions by kind (kLoop, kInput, kOutput, kCustom; a kCustom fusion by its
+    backend kind, e.g. ``__cudnn$fusion``);
+  - "custom_calls": the custom calls by target (on a GPU ``__cudnn$convForward``,
+    ``__cudnn$convBackwardInput``, ``__cudnn$convBiasActivationForward`` for a convolution
+    with its bias and activation fused, ``__cublas$gemm`` ...).
+  """
+  fused = set(re.findall(r"\bfusion\(.*?calls=%([\w.-]+)", hlo_text))
+  ops: collections.Counter = collections.Counter()
+  fusions: collections.Counter = collections.Counter()
+  calls: collections.Counter = collections.Counter()
+  inside = None
+  for line in hlo_text.splitlines():
+    head = _HLO_COMPUTATION.match(line)
+    if head and line.rstrip().endswith("{"):
+      inside = head.group(1)
+      continue
+    m = _HLO_OP.match(line)
+    if m is None or inside in fused:
+      continue
+    op = m.group(1)
+    if op in _HLO_BOOKKEEPING:
+      continue
+    ops[op] += 1
+    if op == "fusion":
+      kind = re.search(r"kind=(\w+)", line)
+      backend = re.search(r'"kind":"([^"]+)"', line)
+      fusions[backend.group(1) if backend and kind and kind.group(1) == "kCustom"
+              else kind.group(1) if kind else "?"] += 1
+    elif op == "custom-call":
+      target = re.search(r'custom_call_target="([^"]+)"', line)
+      calls[target.group(1) if target else "?"] += 1
+  return {"ops": dict(ops), "fusions": dict(fusions), "custom_calls": dict(calls)}
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -51,12 +51,12 @@ def test_both_engines_on_a_run_write_their_results_and_the_comparison(trained_ti
 
 def test_defaults_write_into_the_workdir_and_bf16_attacks(trained_tiny_run):
   res = autoattack_eval.run(["--workdir", trained_tiny_run, "--engine", "jax", "--attacks",
-                             "apgd-ce", "--attack_dtype", "bfloat16", "--apgd_runs_at_once",
+                             "apgd-ce", "--attack_dtype", "bfloat16", "--runs_at_once",
                              "2", *FAST])
   path = os.path.join(trained_tiny_run, "autoattack_jax.json")
   r = schema.read(path)
   assert r["settings"]["attack_dtype"] == "bfloat16" and r["checks"]["broken_misclassified"]
-  assert r["settings"]["apgd_runs_at_once"] == 2
+  assert r["settings"]["runs_at_once"] == 2
   assert r["robust_acc"] == res["jax"]["robust_acc"]
 
 
@@ -81,10 +81,10 @@ def test_bad_arguments_give_clear_errors(trained_tiny_run, tmp_path):
     run(["--export", str(tmp_path), "--engine", "jax", *FAST])
   with pytest.raises(ConfigError, match="--attack_dtype applies"):
     run(["--workdir", trained_tiny_run, "--attack_dtype", "bfloat16", *FAST])
-  with pytest.raises(ConfigError, match="--apgd_runs_at_once applies"):
-    run(["--workdir", trained_tiny_run, "--apgd_runs_at_once", "9", *FAST])
-  with pytest.raises(ConfigError, match="--apgd_runs_at_once must be >= 1"):
-    run(["--workdir", trained_tiny_run, "--engine", "jax", "--apgd_runs_at_once", "0", *FAST])
+  with pytest.raises(ConfigError, match="--runs_at_once applies"):
+    run(["--workdir", trained_tiny_run, "--runs_at_once", "9", *FAST])
+  with pytest.raises(ConfigError, match="--runs_at_once must be >= 1"):
+    run(["--workdir", trained_tiny_run, "--engine", "jax", "--runs_at_once", "0", *FAST])
   with pytest.raises(ConfigError, match="--model needs --out"):
     run(["--model", "tiny_mlp", *FAST])
 

@@ -271,44 +271,57 @@ def test_attacks_are_deterministic_and_respect_active(setup, ours):
   assert not np.array_equal(x_adv[active], setup["x"][active])
 
 
-@pytest.mark.parametrize("loss,restarts", [("dlr-targeted", 1), ("ce", 3)])
-def test_batched_runs_break_the_same_points(setup, loss, restarts):
-  """APGD's runs batched into one call (APGD-T's 9 targets at once; or 4 at a time, with 3
-  inactive slots in the last call; APGD-CE's 3 restarts) break exactly the points that the runs
-  one after the other break, and keep (nearly always) the same example: that of the first run
-  that broke the point."""
-  fn, key = setup["fn"], jax.random.PRNGKey(SEED)
+@pytest.mark.parametrize("attack,restarts", [("apgd-t", 1), ("apgd-ce", 3), ("fab-t", 1)])
+def test_batched_runs_break_the_same_points(setup, attack, restarts):
+  """Runs batched into one call (the 9 targets of APGD-T or FAB-T at once; or 4 at a time,
+  with 3 inactive slots in the last call; APGD-CE's 3 restarts) break exactly the points that
+  the definition, run by run, breaks, and keep (nearly always) the same example: that of the
+  first run that broke the point."""
+  fn, key, x, y = setup["fn"], jax.random.PRNGKey(SEED), setup["xj"], setup["yj"]
+  loss = {"apgd-t": "dlr-targeted", "apgd-ce": "ce"}.get(attack)
 
-  def attack(c):
-    f = jax.jit(lambda x, y: aa.apgd(fn, x, y, key, eps=EPS, loss=loss, n_iter=N_ITER,
-                                     n_restarts=restarts, runs_at_once=c))
-    return np.asarray(f(setup["xj"], setup["yj"]))
+  def run_all(c):
+    if loss:
+      f = lambda x, y: aa.apgd(fn, x, y, key, eps=EPS, loss=loss, n_iter=N_ITER,  # noqa: E731
+                               n_restarts=restarts, runs_at_once=c)
+    else:
+      f = lambda x, y: aa.fab(fn, x, y, key, eps=EPS, n_iter=N_ITER,  # noqa: E731
+                              runs_at_once=c)
+    return np.asarray(jax.jit(f)(x, y))
 
-  one = attack(1)
+  # The definition, run by run: APGD's run j starts from init_point(fold_in(key, j)), FAB-T's
+  # (one restart) from x; the targeted attacks' run j targets the class with the (j + 2)-th
+  # largest clean logit; a point is robust if no run breaks it.
+  clean_logits = fn(x)
+  if loss:
+    run = jax.jit(lambda x0, t: aa.apgd_run(fn, x, y, x0, eps=EPS, loss=loss, n_iter=N_ITER,
+                                            targets=t).acc)
+  else:
+    fab_run = jax.jit(lambda x0, t: aa.fab_run(fn, x, y, x0, eps=EPS, n_iter=N_ITER,
+                                               targets=t).x_adv)
+
+    def run(x0, t):  # robust: not (misclassified within eps)
+      xa = np.asarray(fab_run(x0, t))
+      inside = np.abs(xa - setup["x"]).reshape(N, -1).max(1) <= EPS
+      return _correct_jax(fn, xa, setup["y"]) | ~inside
+  want = np.ones(N, bool)
+  for j in range(restarts if attack == "apgd-ce" else 9):
+    x0 = aa.init_point(jax.random.fold_in(key, j), x, eps=EPS, norm="linf") if loss else x
+    t = aa_common.first_k_largest(clean_logits, j + 2) if attack != "apgd-ce" else None
+    want &= np.asarray(run(x0, t))
+  one = run_all(1)
   robust = _correct_jax(fn, one, setup["y"])
   assert 0.2 < robust.mean() < 0.9
-  # The definition, run by run: run j starts from init_point(fold_in(key, j)) and, for APGD-T,
-  # targets the class with the (j + 2)-th largest clean logit; a point is robust if no run
-  # breaks it.
-  run = jax.jit(lambda x0, t: aa.apgd_run(fn, setup["xj"], setup["yj"], x0, eps=EPS, loss=loss,
-                                          n_iter=N_ITER, targets=t).acc)
-  clean_logits = fn(setup["xj"])
-  want = np.ones(N, bool)
-  for j in range(9 if loss == "dlr-targeted" else restarts):
-    x0 = aa.init_point(jax.random.fold_in(key, j), setup["xj"], eps=EPS, norm="linf")
-    t = (aa_common.first_k_largest(clean_logits, j + 2) if loss == "dlr-targeted"
-         else None)
-    want &= np.asarray(run(x0, t))
   np.testing.assert_array_equal(robust, want)
   for c in (4, 9):
-    x_adv = attack(c)
+    x_adv = run_all(c)
     np.testing.assert_array_equal(_correct_jax(fn, x_adv, setup["y"]), robust)
     assert np.abs(x_adv - setup["x"]).max() <= EPS + 1e-6 and 0 <= x_adv.min() <= x_adv.max() <= 1
     assert np.array_equal(x_adv[robust], setup["x"][robust])
     same = np.all((x_adv == one).reshape(N, -1), axis=1)
     assert same.mean() >= 0.9, same.mean()
   with pytest.raises(ValueError, match="runs_at_once"):
-    aa.apgd(fn, setup["xj"], setup["yj"], key, eps=EPS, runs_at_once=0)
+    aa.apgd(fn, x, y, key, eps=EPS, runs_at_once=0)
 
 
 def test_square_schedule_matches_reference():
@@ -407,15 +420,15 @@ def test_decisions_are_made_on_model_fn_not_the_attack_network(setup, ensemble):
   assert bf16["summary"]["checks"]["broken_misclassified"]
 
 
-def test_ensemble_with_apgd_runs_batched_breaks_the_same_points(setup, ensemble):
-  """APGD-CE and APGD-T with all of APGD-T's targets in one call: the same robust accuracy
+def test_ensemble_with_runs_batched_breaks_the_same_points(setup, ensemble):
+  """APGD-CE, APGD-T and FAB-T with all of their targets in one call: the same robust accuracy
   after each, recorded in the settings."""
   res = aa.run_standard(setup["fn"], setup["x"], setup["y"], SEED, eps=EPS, batch_size=BATCH,
-                        n_iter=N_ITER, log=None, attacks=("apgd-ce", "apgd-t"),
-                        apgd_runs_at_once=9)
+                        n_iter=N_ITER, log=None, attacks=("apgd-ce", "apgd-t", "fab-t"),
+                        runs_at_once=9)
   s, want = res["summary"], ensemble[0]["summary"]
-  assert s["settings"]["apgd_runs_at_once"] == 9
-  for name in ("apgd-ce", "apgd-t"):
+  assert s["settings"]["runs_at_once"] == 9
+  for name in ("apgd-ce", "apgd-t", "fab-t"):
     assert s["robust_acc_after"][name] == want["robust_acc_after"][name]
   assert s["checks"]["broken_misclassified"] and s["checks"]["within_eps"]
 

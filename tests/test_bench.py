@@ -56,6 +56,7 @@ def test_cpu_smoke_rows(tmp_path):
   prof = pgd["profile"]
   assert prof["steps"] == 3 and prof["classes"]["convolution"]["ms_per_step"] > 0
   assert sum(c["share"] for c in prof["classes"].values()) == pytest.approx(1.0)
+  assert pgd["hlo"]["ops"]["while"] >= 1  # the attack's loop, in the compiled step
   epoch = by_kind[("jax", "pgd_at", None, True)]
   assert epoch["epoch_images"] == 256 and epoch["epoch_s"] > 0
   assert epoch["overhead"] == pytest.approx(epoch["epoch_s"] / epoch["steps_only_s"] - 1)

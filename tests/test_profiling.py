@@ -117,3 +117,47 @@ def test_a_real_trace_on_the_cpu_and_the_command_line(tmp_path):
   assert "Traceback" not in out.stderr
   with pytest.raises(ValueError, match="steps"):
     profiling.summarize([], steps=0)
+
+
+GPU_HLO = """HloModule jit_step
+
+%fused_relu (p: bf16[8,32,32,64]) -> bf16[8,32,32,64] {
+  %p = bf16[8,32,32,64]{3,2,1,0} parameter(0)
+  %convolution.9 = bf16[8,32,32,64]{3,2,1,0} convolution(%p, %p), window={size=3x3}
+  ROOT %max = bf16[8,32,32,64]{3,2,1,0} maximum(%convolution.9, %p)
+}
+
+%body (s: (s32[], bf16[8,32,32,64])) -> (s32[], bf16[8,32,32,64]) {
+  %s = (s32[], bf16[8,32,32,64]) parameter(0)
+  %x = bf16[8,32,32,64]{3,2,1,0} get-tuple-element(%s), index=1
+  %cudnn-conv-bias-activation.1 = (bf16[8,32,32,64]{3,2,1,0}, u8[0]{0}) custom-call(%x, %x), custom_call_target="__cudnn$convBiasActivationForward"
+  %cudnn-conv.2 = (bf16[8,32,32,64]{3,2,1,0}, u8[0]{0}) custom-call(%x, %x), custom_call_target="__cudnn$convBackwardInput"
+  %loop_maximum_fusion = bf16[8,32,32,64]{3,2,1,0} fusion(%x), kind=kLoop, calls=%fused_relu
+  %transpose.3 = bf16[8,64,32,32]{3,2,1,0} transpose(%x), dimensions={0,3,1,2}
+  ROOT %t = (s32[], bf16[8,32,32,64]) tuple(%x, %x)
+}
+
+ENTRY %main (a: bf16[8,32,32,64]) -> bf16[8,32,32,64] {
+  %a = bf16[8,32,32,64]{3,2,1,0} parameter(0)
+  %cudnn = bf16[8,32,32,64]{3,2,1,0} fusion(%a), kind=kCustom, calls=%fused_relu, backend_config={"fusion_backend_config":{"kind":"__cudnn$fusion"}}
+  %w = (s32[], bf16[8,32,32,64]) while(%a), condition=%cond, body=%body
+  ROOT %r = bf16[8,32,32,64]{3,2,1,0} copy(%a)
+}
+"""
+
+
+def test_hlo_census_counts_what_the_program_launches():
+  """Instructions inside fused computations are not launches of their own; a loop body's
+  count once; custom calls by target, fusions by kind (kCustom by its backend kind)."""
+  census = profiling.hlo_census(GPU_HLO)
+  assert census["ops"] == {"custom-call": 2, "fusion": 2, "transpose": 1, "while": 1, "copy": 1}
+  assert census["custom_calls"] == {"__cudnn$convBiasActivationForward": 1,
+                                    "__cudnn$convBackwardInput": 1}
+  assert census["fusions"] == {"kLoop": 1, "__cudnn$fusion": 1}
+  w = jnp.ones((3, 3, 8, 8))
+  f = jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda i, x: jax.nn.relu(
+      jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))), x).sum())
+  real = profiling.hlo_census(f.lower(jnp.ones((4, 16, 16, 8))).compile().as_text())
+  assert real["ops"]["while"] == 1 and real["ops"].get("convolution", 0) + sum(
+      real["custom_calls"].values()) + real["fusions"].get("kCustom", 0) >= 1

@@ -19,11 +19,11 @@ from sovr_jax.evaluation.targets import Target
 
 def run(target: Target, *, attacks: Sequence[str], seed: int, batch_size: int,
         settings: Settings, version: str, attack_dtype: str = "float32",
-        apgd_runs_at_once: int = 1, log: Callable[[str], None] = print,
+        runs_at_once: int = 1, log: Callable[[str], None] = print,
         partial_out: str | None = None) -> dict[str, Any]:
   """The standard (or a custom) AutoAttack on ``target`` with the JAX engine. With
   ``partial_out``, an incomplete result is written there after every attack (a run cut by a
-  time limit keeps the attacks that finished). ``apgd_runs_at_once``: see
+  time limit keeps the attacks that finished). ``runs_at_once``: see
   ``autoattack.run_standard`` (recorded in the settings; it changes speed, not results)."""
   # pylint: disable=import-outside-toplevel
   from sovr_jax import sharding
@@ -38,7 +38,7 @@ def run(target: Target, *, attacks: Sequence[str], seed: int, batch_size: int,
   t0 = time.time()
   common = dict(version=version, attacks=attacks, eps=target.eps, norm=target.norm, seed=seed,
                 batch_size=bs, settings={**_settings_dict(s), "attack_dtype": attack_dtype,
-                                         "apgd_runs_at_once": apgd_runs_at_once},
+                                         "runs_at_once": runs_at_once},
                 model=target.info, dataset=target.dataset)
 
   def save_partial(st):
@@ -58,7 +58,7 @@ def run(target: Target, *, attacks: Sequence[str], seed: int, batch_size: int,
       batch_size=bs, attacks=tuple(attacks), n_iter=s.n_iter, n_queries=s.n_queries,
       n_target_classes=s.n_target_classes, apgd_restarts=s.n_restarts, mesh=mesh, log=log,
       attack_model_fn=target.attack_fn, after_attack=save_partial,
-      apgd_runs_at_once=apgd_runs_at_once)
+      runs_at_once=runs_at_once)
   summ = res["summary"]
   per_attack = [
       schema.attack_entry(a, robust_acc=summ["robust_acc_after"][a],

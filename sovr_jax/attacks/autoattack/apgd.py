@@ -276,14 +276,10 @@ def apgd(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
   the points still robust; a broken point keeps the example of the first run that broke it.
 
   ``runs_at_once`` = c > 1 batches c consecutive runs into one ``apgd_run`` on c x N rows (all
-  of APGD-T's 9 targets at once with c = 9): bigger convolutions for the same work where the
-  points stay robust, the usual case. The runs of one call attack the points robust at its
-  start, so a point broken by an earlier run of the call is attacked further, which costs work
-  but changes nothing: every row is computed independently, so the set of broken points is the
-  same as run by run (up to float rounding of other batch shapes) and so is the run whose
-  example is kept. Only with ``early_stop`` can the kept example differ, as a loop that runs
-  longer keeps a later misclassified iterate. c need not divide the number of runs (the slots
-  past the last run are computed, inactive).
+  of APGD-T's 9 targets at once with c = 9; ``common.run_in_calls``): bigger convolutions for
+  the same work where the points stay robust, the usual case. Every row is computed
+  independently, so the same points are broken (up to float rounding of other batch shapes)
+  and, but for an early-stopped loop that runs longer, the same examples are kept.
 
   Args:
     model_fn: x -> logits [N, K].
@@ -300,7 +296,6 @@ def apgd(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
   common.check_common(x, y, eps=eps, norm=norm)
   common.check_choice("loss", loss, LOSSES)
   common.check_positive_int("n_restarts", n_restarts)
-  common.check_positive_int("runs_at_once", runs_at_once)
   x = jax.lax.stop_gradient(x)
   clean_logits = model_fn(x)
   num_classes = clean_logits.shape[-1]
@@ -320,48 +315,20 @@ def apgd(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
   ks = jnp.asarray(ks, jnp.int32)
   n_runs = int(ks.shape[0]) * n_restarts
   c = min(runs_at_once, n_runs)
-  n = y.shape[0]
 
-  def rows(a):
-    """[N, ...] -> [N * c, ...], point-major (row i * c + r), so a batch sharding of the
-    points carries over to the rows without moving data."""
-    return jnp.broadcast_to(a[:, None], (n, c) + a.shape[1:]).reshape((n * c,) + a.shape[1:])
-
-  def per_run(a):
-    """[N * c, ...] -> [c, N, ...]."""
-    return jnp.swapaxes(a.reshape((n, c) + a.shape[1:]), 0, 1)
-
-  def one_call(call, carry):
-    robust, x_adv = carry
-    js = call * c + jnp.arange(c)              # the runs of this call, [c]
-    valid = js < n_runs
-    keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(js)
-    x_init = jax.vmap(lambda k: init_point(k, x, eps=eps, norm=norm), out_axes=1)(keys)
-    x_init = x_init.reshape((n * c,) + x.shape[1:])
+  def attack_rows(js, active_rows):
+    x_init = common.stack_runs(
+        lambda j: init_point(jax.random.fold_in(rng, j), x, eps=eps, norm=norm), js)
     targets = None
     if loss == "dlr-targeted":
-      k = ks[jnp.minimum(js, n_runs - 1) // n_restarts]
-      targets = jax.vmap(lambda kk: common.first_k_largest(clean_logits, kk),
-                         out_axes=1)(k).reshape(n * c)
-    active_rows = (robust[:, None] & valid[None, :]).reshape(n * c)
+      targets = common.run_targets(clean_logits, ks, n_restarts, js)
+    run = apgd_run(model_fn, common.rows(x, c), common.rows(y, c), x_init, eps=eps, norm=norm,
+                   loss=loss, n_iter=n_iter, rho=rho, targets=targets, active=active_rows,
+                   early_stop=early_stop)
+    return ~common.per_run(run.acc, c), common.per_run(run.x_best_adv, c)
 
-    def attack(_):
-      run = apgd_run(model_fn, rows(x), rows(y), x_init, eps=eps, norm=norm, loss=loss,
-                     n_iter=n_iter, rho=rho, targets=targets, active=active_rows,
-                     early_stop=early_stop)
-      acc, found = per_run(run.acc), per_run(run.x_best_adv)
-      new_robust, new_x = robust, x_adv
-      for r in range(c):                       # in run order: the first run that broke a point
-        broken = new_robust & ~acc[r] & valid[r]
-        new_x = jnp.where(common.bcast(broken, x), found[r], new_x)
-        new_robust = new_robust & ~broken
-      return new_robust, new_x
-
-    if not early_stop:
-      return attack(None)
-    return jax.lax.cond(jnp.any(robust), attack, lambda _: (robust, x_adv), None)
-
-  _, x_adv = jax.lax.fori_loop(0, -(-n_runs // c), one_call, (robust, x))
+  x_adv = common.run_in_calls(n_runs, runs_at_once, robust, x, attack_rows,
+                              early_stop=early_stop)
   return jax.lax.stop_gradient(x_adv)
 
 

@@ -95,3 +95,68 @@ def first_k_largest(logits: Array, k: Array | int) -> Array:
   order = jnp.argsort(logits, axis=-1)  # ascending
   col = jnp.asarray(logits.shape[-1] - k, jnp.int32)
   return jnp.take_along_axis(order, jnp.broadcast_to(col, (logits.shape[0], 1)), axis=-1)[:, 0]
+
+
+def run_in_calls(n_runs: int, runs_at_once: int, robust: Array, x: Array,
+                 attack_rows: Callable[[Array, Array], tuple[Array, Array]], *,
+                 early_stop: bool) -> Array:
+  """The runs j = 0 .. n_runs - 1 of an attack (target classes x restarts), each on the points
+  still robust, ``runs_at_once`` = c of them batched into one call on c x N rows.
+
+  ``attack_rows(js, active_rows)`` runs the runs ``js`` [c] on the point-major rows
+  (row i * c + r is point i in run js[r]; ``rows`` and ``per_run`` convert) and returns
+  ``(broken [c, N] bool, x_found [c, N, ...])``. A call's runs attack the points robust at its
+  start; a point keeps the example of the first run (in j order) that broke it, so with
+  independent rows the broken points and kept examples are those of the runs one after the
+  other (only an early-stopped loop that runs longer keeps another example). Slots past the
+  last run (c not dividing n_runs) are computed, inactive. With ``early_stop``, a call with no
+  robust point left is skipped. Returns x_adv [N, ...]: the kept examples, x elsewhere.
+  """
+  check_positive_int("runs_at_once", runs_at_once)
+  c = min(runs_at_once, n_runs)
+
+  def one_call(i, carry):
+    robust, x_adv = carry
+    js = i * c + jnp.arange(c)
+    valid = js < n_runs
+
+    def attack(_):
+      broken, found = attack_rows(js, (robust[:, None] & valid[None, :]).reshape(-1))
+      new_robust, new_x = robust, x_adv
+      for r in range(c):
+        hit = new_robust & broken[r] & valid[r]
+        new_x = jnp.where(bcast(hit, x), found[r], new_x)
+        new_robust = new_robust & ~hit
+      return new_robust, new_x
+
+    if not early_stop:
+      return attack(None)
+    return jax.lax.cond(jnp.any(robust), attack, lambda _: (robust, x_adv), None)
+
+  return jax.lax.fori_loop(0, -(-n_runs // c), one_call, (robust, x))[1]
+
+
+def rows(a: Array, c: int) -> Array:
+  """[N, ...] -> [N * c, ...], point-major (row i * c + r), so that a batch sharding of the
+  points carries over to the rows without moving data."""
+  n = a.shape[0]
+  return jnp.broadcast_to(a[:, None], (n, c) + a.shape[1:]).reshape((n * c,) + a.shape[1:])
+
+
+def per_run(a: Array, c: int) -> Array:
+  """[N * c, ...] point-major -> [c, N, ...]."""
+  return jnp.swapaxes(a.reshape((a.shape[0] // c, c) + a.shape[1:]), 0, 1)
+
+
+def stack_runs(fn: Callable[[Array], Array], js: Array) -> Array:
+  """fn(j) [N, ...] for each run of ``js`` [c], as point-major rows [N * c, ...]."""
+  out = jax.vmap(fn, out_axes=1)(js)
+  return out.reshape((out.shape[0] * out.shape[1],) + out.shape[2:])
+
+
+def run_targets(clean_logits: Array, ks: Array, n_restarts: int, js: Array) -> Array:
+  """The target of each run of ``js`` as point-major rows [N * c]: run j targets the class with
+  the ks[j // n_restarts]-th largest clean logit (runs past the last are given the last's)."""
+  n_runs = ks.shape[0] * n_restarts
+  return stack_runs(lambda j: first_k_largest(
+      clean_logits, ks[jnp.minimum(j, n_runs - 1) // n_restarts]), js)

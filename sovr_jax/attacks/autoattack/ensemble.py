@@ -55,29 +55,28 @@ BORDERLINE_RTOL = 1e-2
 
 def make_attack(name: str, model_fn: ModelFn, *, eps: float, norm: str = "linf",
                 n_iter: int = 100, n_queries: int = 5000, n_target_classes: int = 9,
-                n_restarts: int = 1, early_stop: bool = True, apgd_runs_at_once: int = 1
+                n_restarts: int = 1, early_stop: bool = True, runs_at_once: int = 1
                 ) -> Callable[[Array, Array, Array, Array], Array]:
   """(x, y, active, rng) -> x_adv for one attack of the ensemble, standard settings.
 
-  ``apgd_runs_at_once``: APGD's runs (APGD-T's target classes, APGD-CE's restarts) batched into
-  one call (``apgd``'s ``runs_at_once``; the same points are broken).
+  ``runs_at_once``: APGD's and FAB's runs (target classes x restarts) batched into one call
+  (``common.run_in_calls``; the same points are broken). Square has one run.
   """
   common.check_choice("attack", name, ATTACKS)
   kw = dict(eps=eps, norm=norm, early_stop=early_stop)
-  apgd_kw = dict(kw, n_iter=n_iter, runs_at_once=apgd_runs_at_once)
+  runs_kw = dict(kw, n_iter=n_iter, runs_at_once=runs_at_once)
   if name == "apgd-ce":
-    f = functools.partial(apgd_fn, loss="ce", n_restarts=n_restarts, **apgd_kw)
+    f = functools.partial(apgd_fn, loss="ce", n_restarts=n_restarts, **runs_kw)
   elif name == "apgd-dlr":
-    f = functools.partial(apgd_fn, loss="dlr", n_restarts=n_restarts, **apgd_kw)
+    f = functools.partial(apgd_fn, loss="dlr", n_restarts=n_restarts, **runs_kw)
   elif name == "apgd-t":
     f = functools.partial(apgd_fn, loss="dlr-targeted", n_restarts=1,
-                          n_target_classes=n_target_classes, **apgd_kw)
+                          n_target_classes=n_target_classes, **runs_kw)
   elif name == "fab-t":
-    f = functools.partial(fab_fn, targeted=True, n_iter=n_iter, n_restarts=1,
-                          n_target_classes=n_target_classes, **kw)
+    f = functools.partial(fab_fn, targeted=True, n_restarts=1,
+                          n_target_classes=n_target_classes, **runs_kw)
   elif name == "fab":
-    f = functools.partial(fab_fn, targeted=False, n_iter=n_iter, n_restarts=n_restarts,
-                          **kw)
+    f = functools.partial(fab_fn, targeted=False, n_restarts=n_restarts, **runs_kw)
   else:
     f = functools.partial(square_fn, n_queries=n_queries, n_restarts=1, **kw)
 
@@ -163,7 +162,7 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
                  log: Callable[[str], None] | None = print,
                  attack_model_fn: ModelFn | None = None,
                  after_attack: Callable[[dict[str, Any]], None] | None = None,
-                 apgd_runs_at_once: int = 1) -> dict[str, Any]:
+                 runs_at_once: int = 1) -> dict[str, Any]:
   """Runs the AutoAttack ensemble on (x, y) and returns the adversarial examples and a summary.
 
   Args:
@@ -188,8 +187,9 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
     after_attack: called after each attack with the state so far ({"attacks": names done,
       "clean", "robust", "broken_by" [N], "robust_acc_after", "time_s", "compile_s",
       "attacked"}), e.g. to save a partial result that a cut run keeps.
-    apgd_runs_at_once: APGD runs batched into one call (9: APGD-T's 9 targets at once, on 9x
-      the rows; the same points are broken, see ``apgd``). A speed knob: 1 by default.
+    runs_at_once: APGD and FAB runs batched into one call (9: APGD-T's and FAB-T's 9 targets
+      at once, on 9x the rows; the same points are broken, see ``common.run_in_calls``). A
+      speed knob: 1 by default.
 
   Returns:
     {"x_adv": [N, ...] float32 (x where not broken), "y_adv": [N] predictions on x_adv,
@@ -268,7 +268,7 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
     attack = make_attack(name, attack_model_fn or model_fn, eps=eps, norm=norm,
                          n_iter=n_iter, n_queries=n_queries, n_target_classes=n_target_classes,
                          n_restarts=apgd_restarts, early_stop=early_stop,
-                         apgd_runs_at_once=apgd_runs_at_once)
+                         runs_at_once=runs_at_once)
 
     def attack_and_predict(xb, yb, ab, kb, attack=attack):
       xa = attack(xb, yb, ab, kb)
@@ -349,7 +349,7 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
       "batch_size": int(batch_size), "attack_batch_size": rows,
       "settings": {"n_iter": n_iter, "n_queries": n_queries,
                    "n_target_classes": n_target_classes, "apgd_restarts": apgd_restarts,
-                   "early_stop": early_stop, "apgd_runs_at_once": apgd_runs_at_once,
+                   "early_stop": early_stop, "runs_at_once": runs_at_once,
                    "separate_attack_model": attack_model_fn is not None},
       "devices": [str(d) for d in mesh.devices.flat], "checks": checks,
   }

@@ -299,7 +299,8 @@ def random_start(rng: Array, x: Array, *, eps: float, norm: str = "linf") -> Arr
 def fab(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
         norm: str = "linf", targeted: bool = True, n_iter: int = 100, n_restarts: int = 1,
         n_target_classes: int = 9, alpha_max: float = 0.1, eta: float = 1.05,
-        beta: float = 0.9, active: Array | None = None, early_stop: bool = True) -> Array:
+        beta: float = 0.9, active: Array | None = None, early_stop: bool = True,
+        runs_at_once: int = 1) -> Array:
   """FAB-T (``targeted``) or FAB: the reference's ``FABAttack.perturb`` (L-inf or L2).
 
   FAB-T runs ``n_restarts`` times for each target class t(k) = the class with the k-th largest
@@ -313,6 +314,9 @@ def fab(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
     rng: key for the random starts of restarts > 0.
     active: [N] bool, the points to attack (default all); others are left as x.
     early_stop: skip runs with no robust point and end a run once all its points are broken.
+    runs_at_once: runs (target classes x restarts) batched into one call on that many times
+      the rows (``common.run_in_calls``: the same points are broken; 1: one after the other, as
+      the reference).
 
   Returns:
     x_adv [N, ...]: the closest adversarial example found for the broken points, x elsewhere.
@@ -328,25 +332,24 @@ def fab(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
   ks = list(range(2, min(n_target_classes, num_classes - 1) + 2)) if targeted else [1]
   ks = jnp.asarray(ks, jnp.int32)
   n_runs = int(ks.shape[0]) * n_restarts
+  c = min(runs_at_once, n_runs)
 
-  def one_run(j, carry):
-    robust, x_adv = carry
-    key = jax.random.fold_in(rng, j)
-    restart = j % n_restarts
-    targets = common.first_k_largest(clean_logits, ks[j // n_restarts]) if targeted else None
+  def attack_rows(js, active_rows):
+    def start(j):
+      return jnp.where(j % n_restarts > 0,
+                       random_start(jax.random.fold_in(rng, j), x, eps=eps, norm=norm), x)
+    targets = None
+    if targeted:
+      targets = common.run_targets(clean_logits, ks, n_restarts, js)
+    xr = common.rows(x, c)
+    yr = common.rows(y, c)
+    run = fab_run(model_fn, xr, yr, common.stack_runs(start, js), eps=eps, norm=norm,
+                  n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta, targets=targets,
+                  active=active_rows, early_stop=early_stop)
+    found = ((common.predict(model_fn, run.x_adv) != yr)
+             & (common.lp_norm(run.x_adv - xr, norm) <= eps))
+    return common.per_run(found, c), common.per_run(run.x_adv, c)
 
-    def attack(_):
-      start = jnp.where(restart > 0, random_start(key, x, eps=eps, norm=norm), x)
-      run = fab_run(model_fn, x, y, start, eps=eps, norm=norm, n_iter=n_iter, alpha_max=alpha_max,
-                    eta=eta, beta=beta, targets=targets, active=robust, early_stop=early_stop)
-      found = ((common.predict(model_fn, run.x_adv) != y)
-               & (common.lp_norm(run.x_adv - x, norm) <= eps))
-      broken = robust & found
-      return robust & ~broken, jnp.where(common.bcast(broken, x), run.x_adv, x_adv)
-
-    if not early_stop:
-      return attack(None)
-    return jax.lax.cond(jnp.any(robust), attack, lambda _: (robust, x_adv), None)
-
-  _, x_adv = jax.lax.fori_loop(0, n_runs, one_run, (robust, x))
+  x_adv = common.run_in_calls(n_runs, runs_at_once, robust, x, attack_rows,
+                              early_stop=early_stop)
   return jax.lax.stop_gradient(x_adv)
