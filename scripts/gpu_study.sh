@@ -47,7 +47,7 @@ python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__versio
 
 STUDY=(python -m scripts.study --scale "$SCALE" --workdir "$WORK" --data "$DATA" --n "$N"
        --check_n "$CHECK_N" --attacks "$ATTACKS" --aa_batch_size "${AA_BATCH:-1000}"
-       --attack_dtype "${AA_DTYPE:-float32}"
+       --attack_dtype "${AA_DTYPE:-float32}" --runs_at_once "${AA_RUNS_AT_ONCE:-1}"
        --cache_dir "${CACHE_DIR:-}")
 save_logs() { tar czf "$OUT/logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log 2>/dev/null) \
   2>/dev/null || true; }

@@ -146,7 +146,8 @@ def attack_stage(specs, args) -> dict[str, dict[str, Any]]:
     if args.attacks:
       base.append(f"--attacks={args.attacks}")
     jobs = [(os.path.join(wd, rundir.AUTOATTACK_FILES["jax"]),
-             base + ["--engine=jax", f"--n={args.n}", f"--attack_dtype={args.attack_dtype}"])]
+             base + ["--engine=jax", f"--n={args.n}", f"--attack_dtype={args.attack_dtype}",
+                     f"--runs_at_once={args.runs_at_once}"])]
     if name in check:
       out = os.path.join(wd, CHECK_DIR, rundir.AUTOATTACK_COMPARE_FILE)
       cmd = base + ["--engine=both", f"--n={args.check_n}", f"--out={out}"]
@@ -287,6 +288,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--aa_seed", type=int, default=0, help="AutoAttack seed")
   p.add_argument("--attack_dtype", default="float32", choices=("float32", "bfloat16"),
                  help="the JAX AutoAttack's attack network (decisions stay float32)")
+  p.add_argument("--runs_at_once", type=int, default=1,
+                 help="the JAX AutoAttack's target classes of APGD-T / FAB-T per call (speed)")
   p.add_argument("--device", default="", help="torch device of the reference (default: auto)")
   p.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads of the reference")
   p.add_argument("--train_timeout", type=float, default=3600.0, help="seconds per cell")
