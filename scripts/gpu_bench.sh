@@ -38,4 +38,8 @@ part wrn34_10 70 --archs wrn34_10 --batches 512 --precisions bfloat16 --methods 
 # 5. A whole CIFAR-sized epoch (50,000 images) of the trainer, end to end, against its steps alone.
 part prn18_epoch 150 --archs preact_resnet18 --batches 512 --precisions bfloat16 --methods "" \
   --torch "" --epoch --iters 10 --repeats 3
+# 6. XLA flags side by side (one process per set), at batch 128 where launches weigh most:
+#    XLA's defaults against no command buffers (each kernel launched on its own).
+part prn18_xla_flags 120 --archs preact_resnet18 --batches 128 --precisions bfloat16 \
+  --methods pgd_at --dispatch 1 --torch "" --xla_flags ";--xla_gpu_enable_command_buffer="
 echo "=== done ($(date +%T))"

@@ -13,6 +13,7 @@ multiply-adds of every convolution and matmul, counted on the jaxpr) times
 forward + backward), and the fraction of a matmul peak measured in the same run.
 ``--epoch`` also times a whole training epoch of the trainer itself, end to end
 (host batches, on-device augmentation, step, metrics), against the steps alone.
+``--xla_flags "A;B"`` runs everything once per set of XLA flags, side by side.
 ``--profile DIR`` traces a few steps of every JAX case after its timing
 (``jax.profiler``) and adds where the device time goes, per kernel class, to
 its row (``sovr_jax.profiling``).
@@ -27,6 +28,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -287,6 +289,36 @@ def bench_torch(arch: str, *, width: float, batch: int, amp: bool, num_steps: in
           "torch": torch.__version__, "device": dev}
 
 
+def _per_flag_set(argv: list[str], a: argparse.Namespace) -> list[dict[str, Any]]:
+  """``main`` once per set of ``--xla_flags``, each in a subprocess with XLA_FLAGS set to it
+  (added to the caller's), every row labelled with its set; the rows go to ``--out``."""
+  sets = a.xla_flags.split(";")
+  inner = [x for i, x in enumerate(argv) if not (
+      x.startswith("--xla_flags=") or x == "--xla_flags"
+      or (i > 0 and argv[i - 1] == "--xla_flags") or x.startswith("--out=") or x == "--out"
+      or (i > 0 and argv[i - 1] == "--out"))]
+  out: dict[str, Any] = {"header": None, "rows": [], "command": " ".join(sys.argv)}
+  with tempfile.TemporaryDirectory() as tmp:
+    for i, flags in enumerate(sets):
+      part = os.path.join(tmp, f"{i}.json")
+      env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+      print(f"=== XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
+      proc = subprocess.run([sys.executable, "-m", "sovr_jax.bench", *inner, "--out", part],
+                            env=env, check=False)
+      got = {"header": None, "rows": []}
+      if os.path.exists(part):
+        with open(part, encoding="utf-8") as f:
+          got = json.load(f)
+      if proc.returncode != 0:
+        got["rows"].append({"error": f"exit status {proc.returncode}"})
+      out["header"] = out["header"] or got["header"]
+      out["rows"] += [{**r, "xla_flags": flags} for r in got["rows"]]
+      if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        jsonio.write_json_atomic(a.out, out)
+  return out["rows"]
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,13 +348,22 @@ def main(argv=None):
                  help="trace 3 steps of every JAX case into DIR/<case> and add the device "
                       "time per kernel class to its row")
   p.add_argument("--cpu_smoke", action="store_true",
-                 help="tiny sizes for a CPU: width 1/16, batch 32, PGD-2, 2x2 timings, "
-                 "256-image epochs")
+                 help="tiny sizes for a CPU: width 1/16, batch 32, PGD-2, float32, "
+                 "256-image epochs (and, unless given, 2x2 timings and dispatch 1,2)")
+  p.add_argument("--xla_flags", default=None, metavar="SET;SET",
+                 help="run everything once per set of XLA flags, each in its own process "
+                      "(XLA reads them at start), side by side; an empty set is XLA's "
+                      "defaults, e.g. ';--xla_gpu_autotune_level=0'")
   p.add_argument("--out", default="")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--cpu_smoke" in argv:  # sizes forced below; timings and dispatch only by default
+    p.set_defaults(iters=2, repeats=2, dispatch="1,2")
   a = p.parse_args(argv)
+  if a.xla_flags is not None:
+    return _per_flag_set(argv, a)
   if a.cpu_smoke:
-    a.width, a.batches, a.attack_steps, a.iters, a.repeats = 0.0625, "32", 2, 2, 2
-    a.precisions, a.dispatch, a.epoch_images = "float32", "1,2", 256
+    a.width, a.batches, a.attack_steps = 0.0625, "32", 2
+    a.precisions, a.epoch_images = "float32", 256
   dev = jax.devices()[0]
   peak_dtype = jnp.bfloat16 if dev.platform != "cpu" else jnp.float32
   peak = matmul_peak(peak_dtype)

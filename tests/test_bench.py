@@ -60,3 +60,18 @@ def test_cpu_smoke_rows(tmp_path):
   epoch = by_kind[("jax", "pgd_at", None, True)]
   assert epoch["epoch_images"] == 256 and epoch["epoch_s"] > 0
   assert epoch["overhead"] == pytest.approx(epoch["epoch_s"] / epoch["steps_only_s"] - 1)
+
+
+def test_xla_flag_sets_run_side_by_side(tmp_path):
+  """--xla_flags: one process per set (XLA reads its flags at start), every row labelled with
+  its set, all rows in one --out."""
+  out = tmp_path / "flags.json"
+  rows = bench.main(["--cpu_smoke", "--methods=pgd_at", "--torch=", "--dispatch=1",
+                     "--iters=1", "--repeats=1", "--xla_flags", ";--xla_cpu_use_onednn=false",
+                     "--out", str(out)])
+  assert [(r["xla_flags"], r["steps_per_dispatch"]) for r in rows] == [
+      ("", 1), ("--xla_cpu_use_onednn=false", 1)]
+  assert all(r["images_per_s"] > 0 for r in rows)
+  import json  # pylint: disable=import-outside-toplevel
+  saved = json.loads(out.read_text())
+  assert saved["rows"] == rows and saved["header"]["platform"] == "cpu"
