@@ -56,11 +56,24 @@ def _bench_config(method: str, arch: str, width: float, batch: int, precision: s
   return cfg
 
 
+def jaxpr_eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it (a loop's body, a branch), each
+  once (a loop body is not multiplied by its trip count)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from jaxpr_eqns(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from jaxpr_eqns(sub)
+
+
 def _jaxpr_flops(jaxpr) -> float:
   """2 x multiply-adds of every convolution and matrix product in a jaxpr
   (recursing into nested jaxprs); element-wise work is not counted."""
   total = 0.0
-  for eqn in jaxpr.eqns:
+  for eqn in jaxpr_eqns(jaxpr):
     name = eqn.primitive.name
     if name == "conv_general_dilated":
       rhs, out = eqn.invars[1].aval, eqn.outvars[0].aval
@@ -71,12 +84,6 @@ def _jaxpr_flops(jaxpr) -> float:
       (contract, _), _ = eqn.params["dimension_numbers"]
       lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
       total += 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in contract)
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          total += _jaxpr_flops(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          total += _jaxpr_flops(sub)
   return total
 
 

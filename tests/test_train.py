@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from configs import tiny
-from sovr_jax import config_lib, methods, models, sharding, train
+from sovr_jax import bench, config_lib, methods, models, sharding, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -372,16 +371,8 @@ def test_folding_batchnorm_in_the_attack_changes_the_step_only_by_rounding():
   the update is the unfolded step's up to float32 rounding (the attack's sign steps see the
   same gradients)."""
   def activation_ops(jaxpr):  # rank-4 element-wise mul/add/sub, in nested jaxprs too
-    n = 0
-    for eqn in jaxpr.eqns:
-      n += eqn.primitive.name in ("mul", "add", "sub") and eqn.outvars[0].aval.ndim == 4
-      for p in eqn.params.values():
-        for sub in (p if isinstance(p, (list, tuple)) else [p]):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            n += activation_ops(sub.jaxpr)
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            n += activation_ops(sub)
-    return n
+    return sum(e.primitive.name in ("mul", "add", "sub") and e.outvars[0].aval.ndim == 4
+               for e in bench.jaxpr_eqns(jaxpr))
 
   out, ops = {}, {}
   for fold in (False, True):
