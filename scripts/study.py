@@ -145,12 +145,14 @@ def attack_stage(specs, args) -> dict[str, dict[str, Any]]:
             f"--batch_size={args.aa_batch_size}", f"--seed={args.aa_seed}"]
     if args.attacks:
       base.append(f"--attacks={args.attacks}")
+    # The check runs the JAX engine as the cell's own AutoAttack ran (attack dtype, runs per
+    # call), so it checks the configuration that gave the reported figure.
+    jax_flags = [f"--attack_dtype={args.attack_dtype}", f"--runs_at_once={args.runs_at_once}"]
     jobs = [(os.path.join(wd, rundir.AUTOATTACK_FILES["jax"]),
-             base + ["--engine=jax", f"--n={args.n}", f"--attack_dtype={args.attack_dtype}",
-                     f"--runs_at_once={args.runs_at_once}"])]
+             base + ["--engine=jax", f"--n={args.n}", *jax_flags])]
     if name in check:
       out = os.path.join(wd, CHECK_DIR, rundir.AUTOATTACK_COMPARE_FILE)
-      cmd = base + ["--engine=both", f"--n={args.check_n}", f"--out={out}"]
+      cmd = base + ["--engine=both", f"--n={args.check_n}", f"--out={out}", *jax_flags]
       cmd += [f"--device={args.device}"] if args.device else []
       cmd += [f"--threads={args.threads}"] if args.threads else []
       jobs.append((out, cmd))

@@ -101,7 +101,7 @@ def test_attack_stage_commands(tmp_path, monkeypatch):
       "ok": True, "seconds": 0.0})
   args = study._parser().parse_args([f"--workdir={tmp_path}", "--out=x", "--check=sovr_s0",
                                      "--threads=1", "--device=cpu", "--n=10000",
-                                     "--runs_at_once=9"])
+                                     "--runs_at_once=9", "--attack_dtype=bfloat16"])
   status = study.attack_stage(study.cells("pgd_at,sovr,gairat", "0"), args)
   assert set(status) == {"pgd_at_s0", "sovr_s0"}  # gairat is not trained: nothing to attack
   arg = lambda cmd, flag: next(a for a in cmd if a.startswith(flag)).split("=", 1)[1]  # noqa
@@ -109,7 +109,8 @@ def test_attack_stage_commands(tmp_path, monkeypatch):
                    for c in calls)
   assert engines == [("both", "1000", "sovr_s0"), ("jax", "10000", "pgd_at_s0"),
                      ("jax", "10000", "sovr_s0")]
-  assert all("--runs_at_once=9" in c for c in calls if "--engine=jax" in c)
+  # The check runs the JAX engine as the cell's own AutoAttack did.
+  assert all("--runs_at_once=9" in c and "--attack_dtype=bfloat16" in c for c in calls)
   both = next(c for c in calls if "--engine=both" in c)
   assert "--threads=1" in both and "--device=cpu" in both
 
