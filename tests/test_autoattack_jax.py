@@ -468,13 +468,19 @@ assert np.mean(res[0]["robust"] == res[1]["robust"]) >= 0.9
 after = [r["summary"]["robust_acc_after"] for r in res]
 assert all(abs(after[0][a] - after[1][a]) <= 2 / 48 for a in after[0])
 assert 0 < res[0]["summary"]["robust_acc"] < 1 and res[0]["summary"]["checks"]["within_eps"]
+# FAB-T's 9 targets in one call on 2 devices: the rows of a point stay on its device.
+many = aa.run_standard(fn, x, y, 0, eps=0.02, batch_size=16, attacks=("fab-t",), n_iter=5,
+                       log=None, mesh=sharding.make_mesh(jax.devices()[:2]), runs_at_once=9)
+alone = aa.run_standard(fn, x, y, 0, eps=0.02, batch_size=16, attacks=("fab-t",), n_iter=5,
+                        log=None, mesh=sharding.make_mesh(jax.devices()[:1]))
+assert np.mean(many["robust"] == alone["robust"]) >= 0.9 and many["summary"]["checks"]["within_eps"]
 print("OK", res[0]["summary"]["robust_acc_after"])
 """
 
 
 def test_sharded_over_two_devices_gives_the_same_result():
   """The batch axis sharded over 2 (virtual CPU) devices: the same results as on one, up to
-  float round-off."""
+  float round-off; also with FAB-T's targets batched into one call."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   out = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=REPO, capture_output=True,
