@@ -73,7 +73,7 @@ def find_trace(logdir: str) -> str:
 
 def device_events(trace: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
   """The device-work events of a Chrome trace as [{"name", "self_us", "line"}] and where they
-  were read ("gpu streams", "tpu xla ops" or "cpu thunks")."""
+  were read ("gpu streams", "tpu xla ops", "device lines" or "cpu thunks")."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   procs, threads = {}, {}
   for e in events:
@@ -90,6 +90,8 @@ def device_events(trace: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     keep, source = streams, "gpu streams"
   elif ops:
     keep, source = ops, "tpu xla ops"
+  elif lines:  # a device whose lines are named otherwise: all of them (self times)
+    keep, source = set(lines), "device lines"
   else:
     keep = {k for k, v in threads.items() if k[0] not in device and v.startswith("tf_XLA")}
     source = "cpu thunks"

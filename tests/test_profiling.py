@@ -76,6 +76,15 @@ def test_gpu_trace_reads_the_stream_kernels_only():
   assert "| convolution | 0.600 | 75.0% | 2 |" in table and "busy 80%" in table
 
 
+def test_a_device_with_other_line_names_is_still_read_from_the_device():
+  events = (_meta(1, 10, "/device:GPU:0", "Kernels") + _meta(2, 20, "/host:CPU", "tf_XLAEigen/1")
+            + [_x(1, 10, "sm90_xmma_fprop_implicit_gemm", 0, 40),
+               _x(2, 20, "conv_general_dilated.1", 0, 500)])
+  found, source = profiling.device_events({"traceEvents": events})
+  assert source == "device lines" and [e["name"] for e in found] == [
+      "sm90_xmma_fprop_implicit_gemm"]
+
+
 def test_cpu_trace_counts_nested_thunks_once():
   """A while thunk holds its body's thunks: each counts its own time; the executor's
   bookkeeping events are not device work."""
