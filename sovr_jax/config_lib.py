@@ -31,7 +31,7 @@ CHOICES = {
     "train.schedule": ("piecewise", "cosine", "constant"),
 }
 #: Models whose BatchNorms the attack can fold into convolutions (``attack.fold_bn``).
-FOLD_BN_MODELS = ("preact_resnet18", "wrn34_10", "wrn28_10")
+FOLD_BN_MODELS = ("preact_resnet18", "resnet18", "wrn34_10", "wrn28_10")
 
 #: The valid interval of every numeric field ("[" / "]" closed, "(" / ")" open). Values must
 #: also be finite. Fields whose range depends on others (epochs) are checked in ``validate``.

@@ -54,8 +54,8 @@ def get_config(method: str = "sovr") -> ml_collections.ConfigDict:
   # (PyTorch model.eval(), the field's common choice); "batch" = batch
   # statistics without update.
   c.attack.bn_mode = "eval"
-  # Fold each block's eval-mode BatchNorm into the convolution before it during the attack
-  # (models.common.conv_bn; PreActResNet-18 and WideResNets, bn_mode "eval"). The same
+  # Fold eval-mode BatchNorms into the convolutions before them during the attack
+  # (models.common.conv_bn; every model but SmallCNN, bn_mode "eval"). The same
   # function up to rounding: a speed option, off until it pays on the card (docs/performance.md).
   c.attack.fold_bn = False
 

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import Dtype, batch_norm, check_logits, conv, dense, global_avg_pool, normalize, scaled
+from .common import Dtype, check_logits, conv_bn, dense, global_avg_pool, normalize, scaled
 
 
 class BasicBlock(nn.Module):
@@ -27,14 +27,14 @@ class BasicBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    out = conv(self.features, 3, self.stride, 1, dtype=self.dtype, name="conv1")(x)
-    out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
-    out = conv(self.features, 3, 1, 1, dtype=self.dtype, name="conv2")(out)
-    out = batch_norm(train, dtype=self.dtype, name="bn2")(out)
+  def __call__(self, x: jax.Array, train: bool = False, fold_bn: bool = False) -> jax.Array:
+    kw = dict(train=train, fold_bn=fold_bn, dtype=self.dtype)
+    out = nn.relu(conv_bn(self, x, self.features, 3, self.stride, 1, conv_name="conv1",
+                          bn_name="bn1", **kw))
+    out = conv_bn(self, out, self.features, 3, 1, 1, conv_name="conv2", bn_name="bn2", **kw)
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = conv(self.features, 1, self.stride, 0, dtype=self.dtype, name="shortcut_conv")(x)
-      shortcut = batch_norm(train, dtype=self.dtype, name="shortcut_bn")(shortcut)
+      shortcut = conv_bn(self, x, self.features, 1, self.stride, 0, conv_name="shortcut_conv",
+                         bn_name="shortcut_bn", **kw)
     else:
       shortcut = x
     return nn.relu(out + shortcut)
@@ -60,11 +60,13 @@ class ResNet18(nn.Module):
   std: Sequence[float] = (1.0,)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, fold_bn: bool = False) -> jax.Array:
+    """Logits [N, num_classes]; ``fold_bn`` (eval mode) folds every BatchNorm into the
+    convolution before it (``common.conv_bn``: the same function up to rounding)."""
     batch = x.shape[0]
     out = normalize(x, self.mean, self.std, self.dtype)
-    out = conv(scaled(64, self.width), 3, 1, 1, dtype=self.dtype, name="conv1")(out)
-    out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
+    out = nn.relu(conv_bn(self, out, scaled(64, self.width), 3, 1, 1, train=train,
+                          fold_bn=fold_bn, dtype=self.dtype, conv_name="conv1", bn_name="bn1"))
     for stage, (base, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
       for i in range(2):
         out = BasicBlock(
@@ -72,7 +74,7 @@ class ResNet18(nn.Module):
           stride=stride if i == 0 else 1,
           dtype=self.dtype,
           name=f"layer{stage}_{i}",
-        )(out, train)
+        )(out, train, fold_bn)
     out = global_avg_pool(out)
     logits = dense(self.num_classes, dtype=self.dtype, name="linear")(out)
     return check_logits(logits, batch, self.num_classes)
