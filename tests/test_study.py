@@ -1,4 +1,4 @@
-"""The reproduction study's driver (scripts/study.py), its config, its GPU script and its
+"""The reproduction study's driver (sovr_jax/study.py), its config, its GPU script and its
 tables, at tiny scale."""
 
 import io
@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from configs import study as study_config
-from scripts import study
-from sovr_jax import study_report
+from sovr_jax import study, study_report
 from sovr_jax import config_lib
 from sovr_jax.evaluation import schema
 
@@ -75,6 +74,15 @@ def test_full_scale_is_the_compressed_recipe_and_lengthens_with_its_shape():
     study_config.get_config("sovr,huge")
   with pytest.raises(ValueError, match="full scale only"):
     study_config.get_config("sovr,cpu,60")
+
+
+def test_the_config_file_and_scale_are_checked_before_anything_runs(tmp_path):
+  args = [f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'o.json'}"]
+  with pytest.raises(FileNotFoundError, match="no config file"):
+    study.main(["--config=/nonexistent/study.py", *args])
+  with pytest.raises(ValueError, match="Unknown study scale 'huge'"):
+    study.main([f"--config={REPO}/configs/study.py", "--scale=huge", *args])
+  assert not (tmp_path / "w").exists()
 
 
 def test_curves_merge_log_lines_and_epoch_lines(tmp_path):
@@ -200,7 +208,7 @@ def test_gpu_study_script_at_tiny_scale(tmp_path):
       "jax", "reference"}
   assert check["autoattack_check"]["rows"][0]["attack"] == "clean"
   # Rerunning the driver finds everything done: nothing is retrained or re-attacked.
-  again = study.main(["--scale=tiny", f"--workdir={work}", f"--out={tmp_path / 'again.json'}",
+  again = study.main([f"--config={REPO}/configs/study.py", "--scale=tiny", f"--workdir={work}", f"--out={tmp_path / 'again.json'}",
                       "--runs=pgd_at", "--seeds=0,1", "--n=16", "--attacks=apgd-ce",
                       "--data=/nonexistent"])
   assert all(c["status"] is None for c in again["cells"].values())
