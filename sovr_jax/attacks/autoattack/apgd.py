@@ -314,9 +314,9 @@ def apgd(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
     ks = [1]  # unused
   ks = jnp.asarray(ks, jnp.int32)
   n_runs = int(ks.shape[0]) * n_restarts
-  c = min(runs_at_once, n_runs)
 
   def attack_rows(js, active_rows):
+    c = js.shape[0]
     x_init = common.stack_runs(
         lambda j: init_point(jax.random.fold_in(rng, j), x, eps=eps, norm=norm), js)
     targets = None

@@ -103,8 +103,9 @@ def run_in_calls(n_runs: int, runs_at_once: int, robust: Array, x: Array,
   """The runs j = 0 .. n_runs - 1 of an attack (target classes x restarts), each on the points
   still robust, ``runs_at_once`` = c of them batched into one call on c x N rows.
 
-  ``attack_rows(js, active_rows)`` runs the runs ``js`` [c] on the point-major rows
-  (row i * c + r is point i in run js[r]; ``rows`` and ``per_run`` convert) and returns
+  ``attack_rows(js, active_rows)`` runs the runs ``js`` [c] (c = ``js.shape[0]``, static) on
+  the point-major rows (row i * c + r is point i in run js[r]; ``rows`` and ``per_run``
+  convert) and returns
   ``(broken [c, N] bool, x_found [c, N, ...])``. A call's runs attack the points robust at its
   start; a point keeps the example of the first run (in j order) that broke it, so with
   independent rows the broken points and kept examples are those of the runs one after the
@@ -122,12 +123,11 @@ def run_in_calls(n_runs: int, runs_at_once: int, robust: Array, x: Array,
 
     def attack(_):
       broken, found = attack_rows(js, (robust[:, None] & valid[None, :]).reshape(-1))
-      new_robust, new_x = robust, x_adv
-      for r in range(c):
-        hit = new_robust & broken[r] & valid[r]
-        new_x = jnp.where(bcast(hit, x), found[r], new_x)
-        new_robust = new_robust & ~hit
-      return new_robust, new_x
+      broken = broken & valid[:, None] & robust[None, :]      # [c, N]
+      first = jnp.argmax(broken, axis=0)                      # the first run that broke it
+      kept = jnp.take_along_axis(found, first.reshape((1, -1) + (1,) * (x.ndim - 1)), 0)[0]
+      hit = jnp.any(broken, axis=0)
+      return robust & ~hit, jnp.where(bcast(hit, x), kept, x_adv)
 
     if not early_stop:
       return attack(None)

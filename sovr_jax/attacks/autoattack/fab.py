@@ -332,9 +332,9 @@ def fab(model_fn: ModelFn, x: Array, y: Array, rng: Array, *, eps: float,
   ks = list(range(2, min(n_target_classes, num_classes - 1) + 2)) if targeted else [1]
   ks = jnp.asarray(ks, jnp.int32)
   n_runs = int(ks.shape[0]) * n_restarts
-  c = min(runs_at_once, n_runs)
 
   def attack_rows(js, active_rows):
+    c = js.shape[0]
     def start(j):
       return jnp.where(j % n_restarts > 0,
                        random_start(jax.random.fold_in(rng, j), x, eps=eps, norm=norm), x)
