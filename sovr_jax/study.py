@@ -154,6 +154,8 @@ def attack_stage(specs, args) -> dict[str, dict[str, Any]]:
   for name in specs:
     wd = os.path.join(args.workdir, name)
     if not os.path.exists(os.path.join(wd, rundir.REPORT_FILE)):
+      print(f"[study] {name}: not trained ({wd} holds no {rundir.REPORT_FILE}; see "
+            f"{os.path.join(args.workdir, name + '.log')}): no AutoAttack", flush=True)
       continue
     base = [sys.executable, "-m", "sovr_jax.autoattack_eval", f"--workdir={wd}",
             f"--batch_size={args.aa_batch_size}", f"--seed={args.aa_seed}"]
@@ -221,6 +223,7 @@ def collect_cell(name: str, spec, args, status) -> dict[str, Any]:
                           "train_command": " ".join(_train_command(args, method, flags, wd)[1:])}
   report_path = os.path.join(wd, rundir.REPORT_FILE)
   if not os.path.exists(report_path):
+    cell["not_trained"] = f"no {rundir.REPORT_FILE} in {wd}: training did not finish"
     return cell
   rep = _read_json(report_path)
   cfg = rep.get("config", {})

@@ -98,7 +98,7 @@ def test_curves_merge_log_lines_and_epoch_lines(tmp_path):
   assert curves[0]["val_pgd_acc"] == 0.2 and "val_pgd_acc" not in curves[1]
 
 
-def test_attack_stage_commands(tmp_path, monkeypatch):
+def test_attack_stage_commands(tmp_path, monkeypatch, capsys):
   """The JAX engine on --n points for every trained cell; both engines on --check_n for the
   --check cells."""
   for name in ("pgd_at_s0", "sovr_s0"):
@@ -112,6 +112,9 @@ def test_attack_stage_commands(tmp_path, monkeypatch):
                                      "--runs_at_once=9", "--attack_dtype=bfloat16"])
   status = study.attack_stage(study.cells("pgd_at,sovr,gairat", "0"), args)
   assert set(status) == {"pgd_at_s0", "sovr_s0"}  # gairat is not trained: nothing to attack
+  assert "gairat_s0: not trained" in capsys.readouterr().out
+  cell = study.collect_cell("gairat_s0", study.cells("gairat", "0")["gairat_s0"], args, status)
+  assert "test" not in cell and "training did not finish" in cell["not_trained"]
   arg = lambda cmd, flag: next(a for a in cmd if a.startswith(flag)).split("=", 1)[1]  # noqa
   engines = sorted((arg(c, "--engine="), arg(c, "--n="), os.path.basename(arg(c, "--workdir=")))
                    for c in calls)
