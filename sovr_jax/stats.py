@@ -4,8 +4,17 @@
   fraction near zero, mean of SOVR's switched set), each with a bootstrap standard error.
 * ``mcnemar``: McNemar's exact test on per-point robust flags of two models on the same test
   points (the two-sided binomial test on the discordant pairs).
+* ``paired_sign_test``: its generalisation to several seeds evaluated on the same test points,
+  exact and clustered by test point (one seed: McNemar's test).
 * ``paired_bootstrap``: the difference of two accuracies on the same points with a
-  percentile bootstrap interval that resamples points (stratified by seed when pooled).
+  percentile bootstrap interval that resamples test points (each with all of its seeds).
+
+Pooling seeds: every seed evaluates the same test points, and a point that one method holds
+and the other loses tends to do so in every seed (how hard a point is belongs to the point).
+The seeds' (seed, point) pairs are therefore not independent, and treating them so (McNemar on
+the concatenated flags, points resampled within each seed) overstates the evidence up to
+sqrt(seeds)-fold in the interval. The pooled test and interval here take the test point as
+the unit: three copies of one seed say no more than the seed alone.
 * ``mean_std``: mean and sample standard deviation over seeds; ``accuracy_se`` and
   ``difference_se``: the binomial standard errors docs/results.md quotes.
 
@@ -15,7 +24,7 @@ Pure numpy; every function takes arrays and returns plain floats.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -97,27 +106,77 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
   return {"n": int(len(a)), "a_only": n_ab, "b_only": n_ba, "p_value": p}
 
 
+def _flag_pair(a, b, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """Two per-point flag arrays of one shape, as [seeds, n] bool."""
+  a, b = np.atleast_2d(np.asarray(a, bool)), np.atleast_2d(np.asarray(b, bool))
+  if a.shape != b.shape or a.ndim != 2:
+    raise ValueError(f"{name} needs flags of one shape ([n] or [seeds, n]), got "
+                     f"{a.shape} and {b.shape}.")
+  return a, b
+
+
+def _binom_pmf(n: int) -> np.ndarray:
+  """P(X = x), x = 0..n, X ~ Binomial(n, 1/2)."""
+  x = np.arange(n + 1)
+  logs = (math.lgamma(n + 1) - np.array([math.lgamma(i + 1) + math.lgamma(n - i + 1)
+                                          for i in x]) - n * math.log(2))
+  return np.exp(logs)
+
+
+def paired_sign_test(a: Sequence[Sequence[bool]] | Sequence[bool],
+                     b: Sequence[Sequence[bool]] | Sequence[bool]) -> dict[str, Any]:
+  """Exact two-sided test of "A and B are equally robust" on the same test points, one seed
+  ([n] flags) or several ([seeds, n], every seed on the same points).
+
+  Per point i, c_i = sum over seeds of (b_si - a_si), an integer in [-S, S]. Under the null
+  the labels A and B are exchangeable at each point (all of its seeds together), so c_i is as
+  likely as -c_i, and T = sum_i c_i has the distribution of sum_j j (2 X_j - n_j),
+  X_j ~ Bin(n_j, 1/2) independent, n_j the number of points with |c_i| = j; p = P(|T| >= |t|),
+  computed exactly. With one seed, n_1 is the number of discordant points and this is
+  McNemar's exact test (``mcnemar``). The point is the unit: repeating a seed adds nothing.
+
+  Returns n (points per seed), seeds, a_only and b_only (summed over the seeds), p_value.
+  """
+  a, b = _flag_pair(a, b, "paired_sign_test")
+  c = (b.astype(np.int64) - a.astype(np.int64)).sum(axis=0)
+  t = int(c.sum())
+  counts = np.bincount(np.abs(c), minlength=a.shape[0] + 1)
+  # The pmf of U = sum_j j X_j, built one j at a time; T = 2 U - sum_j j n_j.
+  pmf = np.ones(1)
+  for j, n_j in enumerate(counts[1:], start=1):
+    if n_j:
+      binom = _binom_pmf(int(n_j))
+      out = np.zeros(len(pmf) + j * int(n_j))
+      for x, w in enumerate(binom):
+        if w:
+          out[j * x:j * x + len(pmf)] += w * pmf
+      pmf = out
+  shift = int(sum(j * int(n_j) for j, n_j in enumerate(counts) if j))
+  big_t = 2 * np.arange(len(pmf)) - shift
+  p = 1.0 if t == 0 else float(min(1.0, pmf[np.abs(big_t) >= abs(t)].sum()))
+  return {"n": int(a.shape[1]), "seeds": int(a.shape[0]), "a_only": int(np.sum(a & ~b)),
+          "b_only": int(np.sum(~a & b)), "p_value": p}
+
+
 def paired_bootstrap(a: Sequence[Sequence[bool]] | Sequence[bool],
                      b: Sequence[Sequence[bool]] | Sequence[bool], *, n_boot: int = 10000,
                      level: float = 0.95, seed: int = 0) -> dict[str, float]:
   """acc(B) - acc(A) on the same points, with a percentile bootstrap interval.
 
   a, b: per-point flags of one seed ([n]) or of several seeds ([seeds, n], pooled: the
-  difference is the mean over seeds, and each resample draws points within each seed).
+  difference is the mean over seeds). Each resample draws n test points with replacement,
+  each with all of its seeds (a cluster bootstrap: the point is the unit, see the module's
+  note on pooling).
   """
-  a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
-  if a.shape != b.shape:
-    raise ValueError(f"paired_bootstrap needs flags of one shape, got {a.shape} and {b.shape}.")
-  d = b - a
-  seeds, n = d.shape
+  a, b = _flag_pair(a, b, "paired_bootstrap")
+  d = (b.astype(np.float64) - a.astype(np.float64)).mean(axis=0)  # per point, over seeds
+  n = len(d)
   rng = np.random.default_rng(seed)
-  boots = np.empty(n_boot)
-  for i in range(n_boot):
-    idx = rng.integers(0, n, (seeds, n))
-    boots[i] = np.mean(np.take_along_axis(d, idx, axis=1))
+  chunks = [min(256, n_boot - i) for i in range(0, n_boot, 256)]  # resamples per draw
+  boots = np.concatenate([d[rng.integers(0, n, (m, n))].mean(axis=1) for m in chunks])
   lo, hi = np.percentile(boots, [50 * (1 - level), 50 * (1 + level)])
   return {"diff": float(d.mean()), "low": float(lo), "high": float(hi), "level": level,
-          "seeds": int(seeds), "n": int(n)}
+          "seeds": int(a.shape[0]), "n": int(n)}
 
 
 def accuracy_se(accuracy: float, n: int) -> float:
@@ -128,7 +187,7 @@ def accuracy_se(accuracy: float, n: int) -> float:
 def difference_se(accuracy: float, n: int) -> float:
   """Standard error of the difference of two independent runs' accuracies near ``accuracy``
   on n points each (sqrt(2) times ``accuracy_se``); a paired test on the same points is
-  tighter (``mcnemar``, ``paired_bootstrap``)."""
+  tighter (``mcnemar``, ``paired_sign_test``, ``paired_bootstrap``)."""
   return math.sqrt(2.0) * accuracy_se(accuracy, n)
 
 

@@ -9,8 +9,8 @@ run at seed 0, the paper's Figure 1 style), OUT_curves.png (validation clean and
 per epoch), OUT_sweep.png (SOVR's ovr_fraction against AutoAttack, PGD-AT as rho = 0) when the
 study has a sweep, and OUT_table.md, also printed: per cell clean / PGD-20 / CW-20 (upper bounds)
 / AutoAttack; per run the mean +- std over seeds; SOVR - PGD-AT as a paired difference on the
-same test points per seed and pooled (McNemar's test, paired bootstrap 95 % interval;
-``sovr_jax.stats``), where both have per-point AutoAttack flags; and the margin statistics
+same test points per seed and pooled (McNemar's exact test, pooled its generalisation with the
+test point as the unit; paired bootstrap 95 % interval resampling test points; ``sovr_jax.stats``), where both have per-point AutoAttack flags; and the margin statistics
 (``sovr_jax.stats.margin_statistics``, with bootstrap standard errors).
 """
 
@@ -121,7 +121,9 @@ def _ms(m: dict[str, Any]) -> str:
 def paired(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
            n_boot: int = 10000) -> list[dict[str, Any]]:
   """b - a on the same test points, per seed and pooled over the seeds both have, from the
-  per-point AutoAttack flags of each cell's figure (same engine, same n)."""
+  per-point AutoAttack flags of each cell's figure (same engine, same n). Each row's "test"
+  is ``stats.paired_sign_test``: McNemar's exact test for one seed; pooled, its exact
+  generalisation with the test point as the unit, as the pooled bootstrap interval has."""
   runs = by_run(study)
   flags = {}
   for seed in sorted(set(runs.get(a, {})) & set(runs.get(b, {}))):
@@ -129,24 +131,23 @@ def paired(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
     if not (ra and rb and "points" in ra and "points" in rb) or ra["n"] != rb["n"]:
       continue
     flags[seed] = (schema.decode_points(ra)["robust"], schema.decode_points(rb)["robust"])
+  groups = [[seed] for seed in flags] + ([sorted(flags)] if len(flags) > 1 else [])
   out = []
-  for seed, (fa, fb) in flags.items():
-    out.append({**stats.paired_bootstrap(fa, fb, n_boot=n_boot), "seeds": [seed],
-                "mcnemar": stats.mcnemar(fa, fb)})
-  if len(flags) > 1:
-    fa = np.stack([f[0] for f in flags.values()])
-    fb = np.stack([f[1] for f in flags.values()])
-    out.append({**stats.paired_bootstrap(fa, fb, n_boot=n_boot), "seeds": sorted(flags),
-                "mcnemar": stats.mcnemar(fa.ravel(), fb.ravel())})
+  for seeds in groups:
+    fa = np.stack([flags[s][0] for s in seeds])
+    fb = np.stack([flags[s][1] for s in seeds])
+    out.append({**stats.paired_bootstrap(fa, fb, n_boot=n_boot), "seeds": seeds,
+                "test": stats.paired_sign_test(fa, fb)})
   return out
 
 
 def paired_table(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr") -> str:
   rows = [f"| {label(b)} - {label(a)} | seeds | n per seed | difference (points) | 95 % interval "
-          f"(paired bootstrap) | robust under {label(b)} only / {label(a)} only | McNemar p |",
+          f"(paired bootstrap) | robust under {label(b)} only / {label(a)} only | p (McNemar; "
+          f"pooled: exact, per test point) |",
           "|---|---|---|---|---|---|---|"]
   for r in paired(study, a, b):
-    m = r["mcnemar"]
+    m = r["test"]
     rows.append(f"| {'pooled' if len(r['seeds']) > 1 else 'seed'} | "
                 f"{','.join(map(str, r['seeds']))} | {r['n']} | {100 * r['diff']:+.2f} | "
                 f"[{100 * r['low']:+.2f}, {100 * r['high']:+.2f}] | {m['b_only']} / "

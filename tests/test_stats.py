@@ -54,6 +54,36 @@ def test_mcnemar_exact_values():
   assert r["p_value"] == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.1)
 
 
+def test_paired_sign_test_is_mcnemar_for_one_seed_and_counts_the_point_once_pooled():
+  rng = np.random.default_rng(3)
+  a = rng.random(3000) < 0.45
+  b = a.copy()
+  flip = rng.random(3000) < 0.08
+  b[flip] = rng.random(flip.sum()) < 0.6
+  one = stats.paired_sign_test(a, b)
+  assert one["p_value"] == pytest.approx(stats.mcnemar(a, b)["p_value"], rel=1e-9)
+  assert (one["a_only"], one["b_only"], one["seeds"]) == (
+      stats.mcnemar(a, b)["a_only"], stats.mcnemar(a, b)["b_only"], 1)
+  # Three copies of one seed are no more evidence than the seed: the same p-value, where
+  # McNemar on the concatenated (seed, point) pairs would claim far more.
+  three = stats.paired_sign_test(np.stack([a] * 3), np.stack([b] * 3))
+  assert three["p_value"] == pytest.approx(one["p_value"], rel=1e-9)
+  assert stats.mcnemar(np.tile(a, 3), np.tile(b, 3))["p_value"] < one["p_value"] / 10
+  assert stats.paired_sign_test(np.stack([a, a]), np.stack([a, a]))["p_value"] == 1.0
+  # Exact on a hand count: per-point sums c = (+2, +1, -1) over two seeds. T = 2; under the
+  # null T = 2 s1 + s2 + s3 (signs +-1, 8 outcomes); |T| >= 2 in 6 of them.
+  fa = np.array([[0, 0, 0], [0, 0, 1]], bool)
+  fb = np.array([[1, 1, 0], [1, 0, 0]], bool)
+  assert stats.paired_sign_test(fa, fb)["p_value"] == pytest.approx(6 / 8)
+  # Independent seeds with a real effect: more seeds, more evidence.
+  a3 = rng.random((3, 3000)) < 0.45
+  b3 = a3 | (rng.random((3, 3000)) < 0.01)
+  assert stats.paired_sign_test(a3, b3)["p_value"] < min(
+      stats.paired_sign_test(a3[i], b3[i])["p_value"] for i in range(3))
+  with pytest.raises(ValueError, match="one shape"):
+    stats.paired_sign_test(a, b[:10])
+
+
 def test_paired_bootstrap_interval():
   rng = np.random.default_rng(2)
   a = rng.random(5000) < 0.45
@@ -65,6 +95,10 @@ def test_paired_bootstrap_interval():
   assert r["high"] - r["low"] < 2 * 1.96 * stats.difference_se(0.45, 5000)
   pooled = stats.paired_bootstrap(np.stack([a, a]), np.stack([b, a]), n_boot=500)
   assert pooled["seeds"] == 2 and pooled["diff"] == pytest.approx((b.mean() - a.mean()) / 2)
+  # Pooled, a test point is resampled with all of its seeds: three copies of one seed give
+  # the seed's own interval (the same draws), not one sqrt(3) times narrower.
+  copies = stats.paired_bootstrap(np.stack([a] * 3), np.stack([b] * 3), n_boot=2000)
+  assert (copies["low"], copies["high"]) == pytest.approx((r["low"], r["high"]))
   same = stats.paired_bootstrap(a, a, n_boot=100)
   assert same["low"] == same["high"] == 0.0
 

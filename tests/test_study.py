@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import study as study_config
-from sovr_jax import study, study_report
+from sovr_jax import stats, study, study_report
 from sovr_jax import config_lib
 from sovr_jax.evaluation import schema
 
@@ -163,10 +163,13 @@ def test_tables_mean_std_and_the_paired_difference():
   rows = study_report.paired(s, n_boot=500)
   assert [r["seeds"] for r in rows] == [[0], [1], [2], [0, 1, 2]]
   pooled = rows[-1]
-  assert pooled["mcnemar"]["a_only"] == 0 and pooled["mcnemar"]["b_only"] > 0
-  assert 0 < pooled["low"] < pooled["diff"] < pooled["high"] and pooled["mcnemar"]["p_value"] < 1e-6
+  assert pooled["test"]["a_only"] == 0 and pooled["test"]["b_only"] > 0
+  assert 0 < pooled["low"] < pooled["diff"] < pooled["high"] and pooled["test"]["p_value"] < 1e-6
+  assert rows[0]["test"]["p_value"] == stats.mcnemar(  # one seed: McNemar's test
+      *(schema.decode_points(study_report.figure(s["cells"][f"{r}_s0"]))["robust"]
+        for r in ("pgd_at", "sovr")))["p_value"]
   table = study_report.tables(s)
-  assert "| pooled | 0,1,2 | 2000 |" in table and "McNemar p" in table
+  assert "| pooled | 0,1,2 | 2000 |" in table and "p (McNemar; pooled" in table
   assert study_report.figure(s["cells"]["sovr_s0"])["engine"] == "jax"
 
 
