@@ -32,6 +32,14 @@ LABELS = {"pgd_at": "PGD-AT", "sovr": "SOVR", "mail_at": "MAIL-AT", "gairat": "G
           "sovr_ovr_mean": "SOVR (OVR mean)", "sovr_clean_margin": "SOVR (clean margins)"}
 
 
+#: The sanity gate of the real-schedule study (docs/results.md): PGD-AT must reach this clean
+#: and AutoAttack accuracy before any claim about the paper (Rice et al. 2020 report ~52 % PGD
+#: for the early-stopped PreActResNet-18; third-party PGD-AT figures for ResNet-18 are ~82.9 %
+#: clean / ~46.7 % AutoAttack). Below it the models are not the converged ones the paper's
+#: claims are about.
+GATE = {"clean": 0.78, "autoattack": 0.44}
+
+
 def label(run: str) -> str:
   if run.startswith("sovr_rho"):
     return f"SOVR (rho={run.removeprefix('sovr_rho')})"
@@ -266,12 +274,49 @@ def plot_sweep(study, path, plt):
   return True
 
 
+def gate(study: dict[str, Any], run: str = "pgd_at") -> tuple[bool | None, str]:
+  """(met, sentence): does every seed of ``run`` with a complete AutoAttack reach ``GATE``?
+  None while no seed has one."""
+  cells = {s: c for s, c in sorted(by_run(study).get(run, {}).items())
+           if (c.get("test") or {}).get("best") and figure(c)}
+  head = (f"Sanity gate ({label(run)} >= {100 * GATE['clean']:.0f} % clean and >= "
+          f"{100 * GATE['autoattack']:.0f} % under AutoAttack, docs/results.md)")
+  if not cells:
+    return None, f"{head}: not checkable yet (no {label(run)} cell with a complete AutoAttack)."
+  rows = [(s, c["test"]["best"]["clean_acc"], figure(c)["robust_acc"], figure(c)["n"])
+          for s, c in cells.items()]
+  met = all(clean >= GATE["clean"] and aa >= GATE["autoattack"] for _, clean, aa, _ in rows)
+  said = "; ".join(f"seed {s}: {_pct(clean)} % clean, {_pct(aa)} % AutoAttack (n={n})"
+                   for s, clean, aa, n in rows)
+  if met:
+    return True, f"{head}: met ({said})."
+  return False, (f"{head}: **not met** ({said}). These models are not the converged ones the "
+                 f"paper's claims are about: the differences below describe them, not the "
+                 f"paper. Lengthen the schedule (configs/study.py:METHOD,full,EPOCHS) before "
+                 f"comparing methods.")
+
+
+def verdict(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr") -> str:
+  """The paired difference over the most seeds, said plainly: shown, or not at this budget."""
+  rows = paired(study, a, b)
+  if not rows:
+    return ""
+  r = max(rows, key=lambda r: len(r["seeds"]))
+  what = (f"{label(b)} - {label(a)} under AutoAttack, seeds {','.join(map(str, r['seeds']))}, "
+          f"{r['n']} test points: {100 * r['diff']:+.2f} points, 95 % interval "
+          f"[{100 * r['low']:+.2f}, {100 * r['high']:+.2f}], p = {r['test']['p_value']:.3g}")
+  if r["low"] <= 0.0 <= r["high"]:
+    return f"{what}: the interval contains 0, a difference is not shown at this budget."
+  return f"{what}: {label(b)} {'above' if r['diff'] > 0 else 'below'} {label(a)}."
+
+
 def tables(study: dict[str, Any]) -> str:
   parts = ["Per cell (best-by-validation checkpoint):", cell_table(study),
-           "Per run, over seeds:", run_table(study)]
+           "Per run, over seeds:", run_table(study), gate(study)[1]]
   pair = paired_table(study)
   if pair:
-    parts += ["Paired on the same test points (AutoAttack, per-point flags):", pair]
+    parts += ["Paired on the same test points (AutoAttack, per-point flags):", pair,
+              verdict(study)]
   parts += ["Adversarial logit margins of training examples (final models):",
             margin_table(study)]
   return "\n\n".join(parts)

@@ -170,6 +170,30 @@ def test_tables_mean_std_and_the_paired_difference():
         for r in ("pgd_at", "sovr")))["p_value"]
   table = study_report.tables(s)
   assert "| pooled | 0,1,2 | 2000 |" in table and "p (McNemar; pooled" in table
+  assert "SOVR - PGD-AT under AutoAttack, seeds 0,1,2" in table and "SOVR above PGD-AT" in table
+
+
+def test_sanity_gate_and_the_plain_verdict():
+  """No claim about the paper from models below the gate; an interval containing 0 is "not
+  shown at this budget"."""
+  s = _fake_study()
+  aa = {seed: study_report.figure(s["cells"][f"pgd_at_s{seed}"])["robust_acc"]
+        for seed in (0, 1, 2)}
+  assert min(aa.values()) >= 0.44  # the fake study's PGD-AT: 80 % clean, ~45 % AutoAttack
+  met, said = study_report.gate(s)
+  assert met and "met (seed 0: 80.00 % clean" in said
+  s["cells"]["pgd_at_s1"]["test"]["best"]["clean_acc"] = 0.63  # one seed below: not met
+  met, said = study_report.gate(s)
+  assert met is False and "**not met**" in said and "Lengthen the schedule" in said
+  assert said in study_report.tables(s)
+  del s["cells"]["pgd_at_s0"]["autoattack"], s["cells"]["pgd_at_s1"]["autoattack"]
+  del s["cells"]["pgd_at_s2"]["autoattack"]
+  assert study_report.gate(s)[0] is None and "not checkable yet" in study_report.gate(s)[1]
+  # The same flags for both runs: no difference, said plainly.
+  s = _fake_study()
+  for seed in (0, 1, 2):
+    s["cells"][f"sovr_s{seed}"]["autoattack"] = s["cells"][f"pgd_at_s{seed}"]["autoattack"]
+  assert "not shown at this budget" in study_report.verdict(s)
   assert study_report.figure(s["cells"]["sovr_s0"])["engine"] == "jax"
 
 
