@@ -23,9 +23,10 @@ part() {  # name, timeout (s), args...; every row is in $OUT/bench_NAME.json as 
 part prn18_levers 150 --archs preact_resnet18 --batches 512 --precisions bfloat16 \
   --methods pgd_at --clean_metric on,off --fold_bn off,on --torch float32 \
   --profile "${PROFILE_DIR:-/tmp/sovr_profiles}"
-# 1. PGD-AT, PreActResNet-18, bf16, batch 128 and 512, vs PyTorch eager f32 and bf16 autocast.
-#    With and without the clean_acc metric's eval-mode forward (train.clean_acc_metric).
-part prn18_pgd_at 200 --archs preact_resnet18 --batches 128,512 --precisions bfloat16 \
+# 1. PGD-AT, PreActResNet-18, bf16, batch 128, 512 and 1024 (a larger per-device batch: does
+#    the card fill better?), vs PyTorch eager f32 and bf16 autocast. With and without the
+#    clean_acc metric's eval-mode forward (train.clean_acc_metric).
+part prn18_pgd_at 240 --archs preact_resnet18 --batches 128,512,1024 --precisions bfloat16 \
   --methods pgd_at --dispatch 1,4 --torch float32,amp --host_batches --clean_metric on,off
 # 2. Every method at batch 512 (overhead vs PGD-AT), bf16.
 part prn18_methods 160 --archs preact_resnet18 --batches 512 --precisions bfloat16 \
