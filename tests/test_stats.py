@@ -35,6 +35,20 @@ def test_margin_statistics_against_formulas():
     stats.margin_statistics([1.0])
 
 
+def test_margin_peaks_count_peaks_not_shoulders():
+  rng = np.random.default_rng(4)
+  two = stats.margin_peaks(np.r_[rng.normal(-2.0, 0.6, 800), rng.normal(1.5, 0.8, 1200)])
+  assert len(two) == 2 and abs(two[0] + 2.0) < 0.3 and abs(two[1] - 1.5) < 0.3
+  assert len(stats.margin_peaks(rng.normal(0.0, 1.0, 2000))) == 1
+  # A flat shoulder (a tenth of the points spread wide) is not a second peak...
+  shoulder = np.r_[rng.normal(-0.5, 0.3, 1800), rng.uniform(0.0, 2.0, 200)]
+  assert len(stats.margin_peaks(shoulder)) == 1
+  # ...a small but distinct cluster is.
+  assert len(stats.margin_peaks(np.r_[rng.normal(0, 1, 1800), rng.normal(3, 0.3, 200)])) == 2
+  with pytest.raises(ValueError):
+    stats.margin_peaks([0.0, 1.0])
+
+
 def test_mcnemar_exact_values():
   a = np.array([True] * 10 + [False] * 2 + [True] * 50 + [False] * 38)
   b = np.array([False] * 10 + [True] * 2 + [True] * 50 + [False] * 38)

@@ -197,6 +197,20 @@ def test_sanity_gate_and_the_plain_verdict():
   assert study_report.figure(s["cells"]["sovr_s0"])["engine"] == "jax"
 
 
+def test_claim_2_is_read_off_the_margins():
+  """Is PGD-AT two-peaked; does SOVR's switched set end with larger margins?"""
+  s = _fake_study()
+  rng = np.random.default_rng(5)
+  two_peaks = np.r_[rng.normal(-2.0, 0.5, 800), rng.normal(1.5, 0.7, 1200)]
+  s["cells"]["pgd_at_s0"]["margins"] = {"margins": two_peaks.tolist()}
+  s["cells"]["sovr_s0"]["margins"] = {"margins": (two_peaks + 0.5).tolist()}
+  reading = study_report.claim2(s)
+  assert reading.startswith("Seed 0: PGD-AT's margins have 2 peaks (two-peaked)")
+  assert ": +0.50 +- " in reading  # the 40 % smallest, shifted by 0.5
+  table = study_report.tables(s)
+  assert "Claim 2: Seed 0" in table and "| PGD-AT | 2000 |" in table and "| 2 (" in table
+
+
 def test_merge_adds_cells_and_keeps_a_trained_cell_over_a_failed_rerun(tmp_path):
   into = str(tmp_path / "study.json")
   a = {"scale": "full", "cells": {"pgd_at_s0": {"test": {"best": 1}}}, "command": "a",
