@@ -10,8 +10,10 @@ per epoch), OUT_sweep.png (SOVR's ovr_fraction against AutoAttack, PGD-AT as rho
 study has a sweep, and OUT_table.md, also printed: per cell clean / PGD-20 / CW-20 (upper bounds)
 / AutoAttack; per run the mean +- std over seeds; SOVR - PGD-AT as a paired difference on the
 same test points per seed and pooled (McNemar's exact test, pooled its generalisation with the
-test point as the unit; paired bootstrap 95 % interval resampling test points; ``sovr_jax.stats``), where both have per-point AutoAttack flags; and the margin statistics
-(``sovr_jax.stats.margin_statistics``, with bootstrap standard errors).
+test point as the unit; paired bootstrap 95 % interval resampling test points;
+``sovr_jax.stats``), where both have per-point AutoAttack flags, with the sanity gate's reading
+and a plain verdict; and the margin statistics (``sovr_jax.stats.margin_statistics``, with
+bootstrap standard errors, and ``margin_peaks``) with a reading of the paper's claim 2.
 """
 
 from __future__ import annotations
@@ -197,12 +199,13 @@ def claim2(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr") -> str:
     sa = stats.margin_statistics(ma["margins"], ma.get("small_margin"))
     sb = stats.margin_statistics(mb["margins"], mb.get("small_margin"))
     peaks = stats.margin_peaks(ma["margins"])
-    d, se = sb["mean_switched"] - sa["mean_switched"], math.hypot(sa["mean_switched_se"],
-                                                                   sb["mean_switched_se"])
+    d = sb["mean_switched"] - sa["mean_switched"]
+    se = math.hypot(sa["mean_switched_se"], sb["mean_switched_se"])
+    shape = "two-peaked" if len(peaks) > 1 else "not two-peaked"
     out.append(f"Seed {seed}: {label(a)}'s margins have {len(peaks)} peak"
-               f"{'s' if len(peaks) != 1 else ''} ({'two-peaked' if len(peaks) > 1 else 'not two-peaked'}); "
-               f"{label(b)}'s switched set ends at a mean margin of {sb['mean_switched']:.2f}, "
-               f"{label(a)}'s at {sa['mean_switched']:.2f}: {d:+.2f} +- {se:.2f}.")
+               f"{'s' if len(peaks) != 1 else ''} ({shape}); {label(b)}'s switched set ends "
+               f"at a mean margin of {sb['mean_switched']:.2f}, {label(a)}'s at "
+               f"{sa['mean_switched']:.2f}: {d:+.2f} +- {se:.2f}.")
   return " ".join(out)
 
 

@@ -252,7 +252,8 @@ def test_gpu_study_script_at_tiny_scale(tmp_path):
       "jax", "reference"}
   assert check["autoattack_check"]["rows"][0]["attack"] == "clean"
   # Rerunning the driver finds everything done: nothing is retrained or re-attacked.
-  again = study.main([f"--config={REPO}/configs/study.py", "--scale=tiny", f"--workdir={work}", f"--out={tmp_path / 'again.json'}",
+  again = study.main([f"--config={REPO}/configs/study.py", "--scale=tiny", f"--workdir={work}",
+                      f"--out={tmp_path / 'again.json'}",
                       "--runs=pgd_at", "--seeds=0,1", "--n=16", "--attacks=apgd-ce",
                       "--data=/nonexistent"])
   assert all(c["status"] is None for c in again["cells"].values())
