@@ -105,13 +105,12 @@ def run_in_calls(n_runs: int, runs_at_once: int, robust: Array, x: Array,
 
   ``attack_rows(js, active_rows)`` runs the runs ``js`` [c] (c = ``js.shape[0]``, static) on
   the point-major rows (row i * c + r is point i in run js[r]; ``rows`` and ``per_run``
-  convert) and returns
-  ``(broken [c, N] bool, x_found [c, N, ...])``. A call's runs attack the points robust at its
-  start; a point keeps the example of the first run (in j order) that broke it, so with
-  independent rows the broken points and kept examples are those of the runs one after the
-  other (only an early-stopped loop that runs longer keeps another example). Slots past the
-  last run (c not dividing n_runs) are computed, inactive. With ``early_stop``, a call with no
-  robust point left is skipped. Returns x_adv [N, ...]: the kept examples, x elsewhere.
+  convert) and returns ``(broken [c, N] bool, x_found [c, N, ...])``. A call's runs attack
+  the points robust at its start; a point keeps the example of the first run (in j order) that
+  broke it, so with independent rows the broken points and kept examples are those of the runs
+  one after the other (only an early-stopped loop that runs longer keeps another example).
+  Slots past the last run (c not dividing n_runs) are computed, inactive. With
+  ``early_stop``, a call with no robust point left is skipped. Returns x_adv [N, ...]: the kept examples, x elsewhere.
   """
   check_positive_int("runs_at_once", runs_at_once)
   c = min(runs_at_once, n_runs)
