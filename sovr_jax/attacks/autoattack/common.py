@@ -110,7 +110,8 @@ def run_in_calls(n_runs: int, runs_at_once: int, robust: Array, x: Array,
   broke it, so with independent rows the broken points and kept examples are those of the runs
   one after the other (only an early-stopped loop that runs longer keeps another example).
   Slots past the last run (c not dividing n_runs) are computed, inactive. With
-  ``early_stop``, a call with no robust point left is skipped. Returns x_adv [N, ...]: the kept examples, x elsewhere.
+  ``early_stop``, a call with no robust point left is skipped. Returns x_adv [N, ...]: the
+  kept examples, x elsewhere.
   """
   check_positive_int("runs_at_once", runs_at_once)
   c = min(runs_at_once, n_runs)
