@@ -4,8 +4,8 @@
 # PreActResNet-18, the JAX AutoAttack in float32 and pyautoattack side by side, then the JAX
 # AutoAttack with its attacks on the bfloat16 network alone, then APGD-CE, APGD-T and FAB-T with
 # the 9 targets of APGD-T and of FAB-T in one call (--runs_at_once 9). One JSON per part in $OUT.
-# Carry _carry/pylib (pyautoattack without examples/) and, where absl/yaml are missing,
-# _carry/fallback.
+# Carry _carry/ (pyautoattack without examples/ and, where absl/yaml are missing, a fallback),
+# built by `bash scripts/prepare_carry.sh`.
 #   bash scripts/gpu_autoattack.sh                                   # on the device
 #   OUT=/tmp/o N=8 EXTRA="--fast --device cpu" bash scripts/gpu_autoattack.sh   # CPU smoke test
 set -uo pipefail

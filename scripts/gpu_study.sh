@@ -11,9 +11,8 @@
 # committed study: python -m scripts.study --merge_from OUT/study_full.json \
 #   --into results/study_full.json   (or each OUT/cells/*.json).
 # The data set is read from a git-ignored folder of the checkout (DATA, default
-# _data/cifar10-jpeg.tar.gz: copy ../shared/data's there and carry _data). Carry _carry/pylib
-# (ml_collections, mlxtend, pyautoattack without examples/) and, where absl/yaml are missing,
-# _carry/fallback.
+# _data/cifar10-jpeg.tar.gz) and the packages the card lacks from _carry/: build both with
+# `bash scripts/prepare_carry.sh` and carry ["_carry", "_data"].
 #   RUNS=pgd_at,sovr SEEDS=0 CHECK=sovr_s0 bash scripts/gpu_study.sh        # on the device
 #   OUT=/tmp/o SCALE=tiny N=16 CHECK_N=16 ATTACKS=apgd-ce \
 #     DATA=../shared/data/cifar10-jpeg.tar.gz bash scripts/gpu_study.sh     # CPU smoke test
