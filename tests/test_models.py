@@ -287,23 +287,36 @@ def _activation_ops(jaxpr) -> int:
 def test_folding_batchnorm_gives_the_same_function_with_fewer_passes(name, folds):
   """fold_bn (eval mode): each BatchNorm that follows a convolution (bn2 after conv1 in the
   pre-activation blocks; all 20 in ResNet-18) as one convolution with a bias, on random
-  BatchNorm statistics and affine parameters: the same logits and input gradients (up to
-  float32 rounding), at least two element-wise passes over the activations fewer per fold, and
-  training mode untouched."""
+  BatchNorm statistics and affine parameters: the same logits (up to float32 rounding) and input
+  gradients, at least two element-wise passes over the activations fewer per fold, and training
+  mode untouched.
+
+  The input gradients are compared in float64: a network of ReLUs has a gradient that jumps
+  where a pre-activation crosses zero, so float32 rounding alone can move a few of them across
+  and change a patch of the gradient by 1e-3 of its scale (seen for ResNet-18 on one CPU, not
+  on another); in float64 the two forms agree to far below float32's resolution."""
   from sovr_jax import testing  # pylint: disable=import-outside-toplevel
+
+  def logits_and_grad(dtype):
+    model = get_model(name, num_classes=NUM_CLASSES, width=TINY_WIDTH, mean=(0.5,), std=(0.25,),
+                      dtype=dtype)
+    x = images(name, batch=4)
+    variables = testing.random_variables(model, x, seed=3)
+
+    def f(v, x, fold):
+      out = lambda x: model.apply(v, x, train=False, fold_bn=fold)  # noqa: E731
+      return out(x), jax.grad(lambda x: out(x)[:, 0].sum())(x)
+    return [jax.jit(f, static_argnums=2)(variables, x, fold) for fold in (False, True)]
+
+  (ref, _), (out, _) = logits_and_grad(jnp.float32)
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * float(jnp.abs(ref).max()))
+  with jax.enable_x64(True):
+    (ref, ref_grad), (out, grad) = logits_and_grad(jnp.float64)
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-7 * float(jnp.abs(ref).max()))
+  np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=1e-7 * float(jnp.abs(ref_grad).max()))
   model = get_model(name, num_classes=NUM_CLASSES, width=TINY_WIDTH, mean=(0.5,), std=(0.25,))
   x = images(name, batch=4)
   variables = testing.random_variables(model, x, seed=3)
-
-  def logits_and_grad(fold):
-    def f(v, x):
-      out = lambda x: model.apply(v, x, train=False, fold_bn=fold)  # noqa: E731
-      return out(x), jax.grad(lambda x: out(x)[:, 0].sum())(x)
-    return jax.jit(f)(variables, x)
-
-  (ref, ref_grad), (out, grad) = logits_and_grad(False), logits_and_grad(True)
-  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * float(jnp.abs(ref).max()))
-  np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=1e-5 * float(jnp.abs(ref_grad).max()))
   ops = [_activation_ops(jax.make_jaxpr(
       lambda v, x, f=fold: model.apply(v, x, train=False, fold_bn=f))(variables, x).jaxpr)
          for fold in (False, True)]
