@@ -4,6 +4,8 @@ Most tests compile the same few tiny graphs (configs/tiny.py's train step, its e
 this process and in the subprocesses that the fault, CLI, multi-host and notebook tests start.
 A cache shared through the environment compiles each once: a tiny CLI run falls from ~45 s to
 ~18 s on two cores. A cache set by the caller (JAX_COMPILATION_CACHE_DIR) is used as it is.
+Under pytest-xdist (README's `-n 2`) the worker processes inherit the controller's cache, so
+they share it too, and the controller removes it at the end.
 """
 
 import os
