@@ -121,10 +121,40 @@ def command() -> str:
   return " ".join([head] + sys.argv[1:])
 
 
+# Vector extensions that change how XLA's CPU backend (and oneDNN) compiles a computation: it
+# targets the host's, so the same code and versions can round differently on another CPU.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve")
+
+
+def cpu_from_cpuinfo(text: str) -> dict[str, Any]:
+  """The CPU's model and vector extensions, from the text of Linux's /proc/cpuinfo (x86's
+  "model name" and "flags", or Arm's "CPU part" and "Features")."""
+  fields: dict[str, str] = {}
+  for line in text.splitlines():
+    key, sep, value = line.partition(":")
+    if sep and key.strip() not in fields:
+      fields[key.strip()] = value.strip()
+  flags = set((fields.get("flags") or fields.get("Features") or "").split())
+  model = fields.get("model name") or fields.get("Model") or fields.get("CPU part") or ""
+  return {"model": model, "isa": [f for f in _ISA_FLAGS if f in flags]}
+
+
+def cpu() -> dict[str, Any]:
+  """The host CPU (model, vector extensions, cores): results computed on a CPU depend on it."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      out = cpu_from_cpuinfo(f.read())
+  except OSError:
+    out = {"model": "", "isa": []}
+  out["model"] = out["model"] or platform.processor() or platform.machine()
+  out["cores"] = os.cpu_count()
+  return out
+
+
 def provenance(*extra_versions: str) -> dict[str, Any]:
-  """Versions, devices, host, command and time: what every result file records."""
+  """Versions, devices, host and its CPU, command and time: what every result file records."""
   out = {"versions": versions(*extra_versions), "command": command(),
-         "host": socket.gethostname(),
+         "host": socket.gethostname(), "cpu": cpu(),
          "created": datetime.datetime.now().isoformat(timespec="seconds")}
   jax = sys.modules.get("jax")
   if jax is not None:
