@@ -3,7 +3,8 @@
 # ["_carry", "_data"]). The device machine has jax, flax, optax, orbax, chex and torch, but not
 # ml_collections, mlxtend, pyautoattack or tensorboardX; absl-py and PyYAML go in a fallback that
 # the GPU scripts add to PYTHONPATH only where they are missing.
-#   _carry/pylib     ml_collections, mlxtend, pyautoattack (without its 42 MB examples/), tensorboardX
+#   _carry/pylib     ml_collections, mlxtend, pyautoattack (without its 42 MB examples/),
+#                    tensorboardX
 #   _carry/fallback  PyYAML and absl-py built for Python 3.12
 #   _data/           the CIFAR-10 JPEG tarball (from ../shared/data; never committed)
 # Usage: bash scripts/prepare_carry.sh   (SHARED=path/to/shared if it is not ../shared)
@@ -21,8 +22,9 @@ if [ ! -f _data/cifar10-jpeg.tar.gz ]; then
   if [ -f "$SHARED/data/cifar10-jpeg.tar.gz" ]; then
     cp "$SHARED/data/cifar10-jpeg.tar.gz" _data/
   else
-    echo "prepare_carry: $SHARED/data/cifar10-jpeg.tar.gz not found; set SHARED=<folder that holds data/>," \
-         "or copy the tarball into _data/ yourself (scripts/gpu_study.sh reads it there)." >&2
+    echo "prepare_carry: $SHARED/data/cifar10-jpeg.tar.gz not found; set" \
+         "SHARED=<folder that holds data/>, or copy the tarball into _data/ yourself" \
+         "(scripts/gpu_study.sh reads it there)." >&2
     exit 1
   fi
 fi

@@ -297,11 +297,14 @@ def test_folding_batchnorm_gives_the_same_function_with_fewer_passes(name, folds
   on another); in float64 the two forms agree to far below float32's resolution."""
   from sovr_jax import testing  # pylint: disable=import-outside-toplevel
 
-  def logits_and_grad(dtype):
+  def build(dtype=jnp.float32):
     model = get_model(name, num_classes=NUM_CLASSES, width=TINY_WIDTH, mean=(0.5,), std=(0.25,),
                       dtype=dtype)
     x = images(name, batch=4)
-    variables = testing.random_variables(model, x, seed=3)
+    return model, x, testing.random_variables(model, x, seed=3)
+
+  def logits_and_grad(dtype):
+    model, x, variables = build(dtype)
 
     def f(v, x, fold):
       out = lambda x: model.apply(v, x, train=False, fold_bn=fold)  # noqa: E731
@@ -314,9 +317,7 @@ def test_folding_batchnorm_gives_the_same_function_with_fewer_passes(name, folds
     (ref, ref_grad), (out, grad) = logits_and_grad(jnp.float64)
   np.testing.assert_allclose(out, ref, rtol=0, atol=1e-7 * float(jnp.abs(ref).max()))
   np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=1e-7 * float(jnp.abs(ref_grad).max()))
-  model = get_model(name, num_classes=NUM_CLASSES, width=TINY_WIDTH, mean=(0.5,), std=(0.25,))
-  x = images(name, batch=4)
-  variables = testing.random_variables(model, x, seed=3)
+  model, x, variables = build()
   ops = [_activation_ops(jax.make_jaxpr(
       lambda v, x, f=fold: model.apply(v, x, train=False, fold_bn=f))(variables, x).jaxpr)
          for fold in (False, True)]
