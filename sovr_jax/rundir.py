@@ -121,8 +121,9 @@ def command() -> str:
   return " ".join([head] + sys.argv[1:])
 
 
-# Vector extensions that change how XLA's CPU backend (and oneDNN) compiles a computation: it
-# targets the host's, so the same code and versions can round differently on another CPU.
+# Vector extensions that can change how XLA's CPU backend (and oneDNN) compiles a computation:
+# it targets the host's, so the same code and versions may round differently on another CPU
+# (the quickstart's figures differ between two CPUs, README).
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve")
 
 
