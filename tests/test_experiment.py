@@ -66,7 +66,7 @@ def test_run_writes_report_metrics_checkpoints_and_plot(tiny_run):
   assert "upper bound" in on_disk["note"]
   assert {"jax", "flax", "optax"} <= set(on_disk["versions"])
   # The CPU too: XLA compiles for the host's vector extensions, so a CPU-trained model's figures
-  # depend on it (the quickstart's differ by up to 1 point between two CPUs, README).
+  # depend on it (the quickstart's differ by 0.1 to 1.0 points between two CPUs, README).
   assert on_disk["cpu"]["model"] and on_disk["cpu"]["cores"] == os.cpu_count()
   assert on_disk["timings"]["train_s"] > 0
   hist = on_disk["margins"]["histogram"]

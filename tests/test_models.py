@@ -293,8 +293,8 @@ def test_folding_batchnorm_gives_the_same_function_with_fewer_passes(name, folds
 
   The input gradients are compared in float64: a network of ReLUs has a gradient that jumps
   where a pre-activation crosses zero, so float32 rounding alone can move a few of them across
-  and change a patch of the gradient by 1e-3 of its scale (seen for ResNet-18 on one CPU, not
-  on another); in float64 the two forms agree to far below float32's resolution."""
+  and change a patch of the gradient by up to 4e-3 of its scale (seen for ResNet-18 on one
+  CPU, not on another); in float64 the two forms agree to far below float32's resolution."""
   from sovr_jax import testing  # pylint: disable=import-outside-toplevel
 
   def build(dtype=jnp.float32):
