@@ -55,14 +55,26 @@ def build_model(cfg: ml_collections.ConfigDict, ds: data.Dataset, dtype: Any = N
 
 def init_state(cfg: ml_collections.ConfigDict, model: Any, ds: data.Dataset, tx: Any,
                rng: jax.Array) -> train.TrainState:
-  """The initial train state; a model that cannot take the images is a ConfigError."""
-  try:
-    return train.create_train_state(rng, model, ds.image_shape, tx)
-  except (ZeroDivisionError, ValueError, TypeError) as e:
-    raise ConfigError(
+  """The initial train state; a model that cannot take the images is a ConfigError.
+
+  Images too small for the model's valid convolutions and poolings leave a layer with no input:
+  older jax raises while initialising it (a fan-in of 0), jax 0.11 returns an empty parameter,
+  so both are checked.
+  """
+  def cannot_take(why: str) -> ConfigError:
+    return ConfigError(
         f"model.name={cfg.model.name!r} cannot take {ds.name} images of shape "
-        f"{ds.image_shape} ({type(e).__name__}: {e}). SmallCNN needs at least 16x16 inputs; "
-        f"pick another model.name or data set.") from e
+        f"{ds.image_shape} ({why}). SmallCNN needs at least 16x16 inputs; "
+        f"pick another model.name or data set.")
+  try:
+    state = train.create_train_state(rng, model, ds.image_shape, tx)
+  except (ZeroDivisionError, ValueError, TypeError) as e:
+    raise cannot_take(f"{type(e).__name__}: {e}") from e
+  empty = [jax.tree_util.keystr(path, simple=True, separator="/")
+           for path, x in jax.tree_util.tree_leaves_with_path(state.params) if x.size == 0]
+  if empty:
+    raise cannot_take(f"empty parameters: {', '.join(empty)}")
+  return state
 
 
 def _progress(total: int, initial: int, desc: str):
