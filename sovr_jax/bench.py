@@ -307,7 +307,7 @@ def _per_flag_set(argv: list[str], a: argparse.Namespace) -> list[dict[str, Any]
       x.startswith("--xla_flags=") or x == "--xla_flags"
       or (i > 0 and argv[i - 1] == "--xla_flags") or x.startswith("--out=") or x == "--out"
       or (i > 0 and argv[i - 1] == "--out"))]
-  out: dict[str, Any] = {"header": None, "rows": [], "command": " ".join(sys.argv)}
+  out: dict[str, Any] = {"header": None, "rows": [], "command": rundir.command()}
   with tempfile.TemporaryDirectory() as tmp:
     for i, flags in enumerate(sets):
       part = os.path.join(tmp, f"{i}.json")
@@ -377,10 +377,13 @@ def main(argv=None):
   dev = jax.devices()[0]
   peak_dtype = jnp.bfloat16 if dev.platform != "cpu" else jnp.float32
   peak = matmul_peak(peak_dtype)
+  # The provenance every result file records (versions, CPU, host, command, time), with
+  # torch's version when its rows run; "jax" and "python" stay at the top as in earlier files.
   header = {"device": str(dev.device_kind), "platform": dev.platform,
             "num_devices": jax.device_count(), "jax": jax.__version__,
             "python": platform.python_version(),
-            "matmul_peak_tflops": peak, "matmul_peak_dtype": jnp.dtype(peak_dtype).name}
+            "matmul_peak_tflops": peak, "matmul_peak_dtype": jnp.dtype(peak_dtype).name,
+            **rundir.provenance(*(("torch",) if a.torch else ()))}
   print(json.dumps(header), flush=True)
   rows = []
   if a.out:
@@ -391,7 +394,7 @@ def main(argv=None):
     print(json.dumps(row), flush=True)
     if a.out:
       jsonio.write_json_atomic(a.out, {"header": header, "rows": rows,
-                                       "command": " ".join(sys.argv)})
+                                       "command": header["command"]})
 
   torch_ref: dict[tuple[str, int], float] = {}
   for arch in a.archs.split(","):

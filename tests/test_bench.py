@@ -75,3 +75,8 @@ def test_xla_flag_sets_run_side_by_side(tmp_path):
   import json  # pylint: disable=import-outside-toplevel
   saved = json.loads(out.read_text())
   assert saved["rows"] == rows and saved["header"]["platform"] == "cpu"
+  # The header is a result file's provenance: every library's version, the CPU, the command.
+  header = saved["header"]
+  assert header["versions"]["flax"] and header["versions"]["jax"] == header["jax"]
+  assert header["cpu"]["cores"] and header["created"]
+  assert header["command"].startswith("python -m sovr_jax.bench --cpu_smoke")  # the subprocess
