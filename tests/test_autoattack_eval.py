@@ -8,18 +8,24 @@ import sys
 import time
 
 import pytest
-import torch
 
 from sovr_jax import autoattack_eval, export
 from sovr_jax.errors import ConfigError, InvalidFileError
 from sovr_jax.evaluation import reference, schema
+from tests import references
+
+# The reference engine and the export need these; the JAX engine's tests run without them.
+needs_reference = references.needs("torch", "pyautoattack")
+if references.have("torch"):
+  import torch
+  torch.set_num_threads(1)  # shared cores: oversubscribed OpenMP threads slow torch ~100x
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-torch.set_num_threads(1)  # shared cores: oversubscribed OpenMP threads slow torch ~100x
 ENV = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu")
 FAST = ["--n", "16", "--batch_size", "16", "--device", "cpu", "--threads", "1"]
 
 
+@needs_reference
 def test_both_engines_on_a_run_write_their_results_and_the_comparison(trained_tiny_run,
                                                                        tmp_path, capsys):
   out = str(tmp_path / "cmp.json")
@@ -89,6 +95,7 @@ def test_bad_arguments_give_clear_errors(trained_tiny_run, tmp_path):
     run(["--model", "tiny_mlp", *FAST])
 
 
+@needs_reference
 def test_command_line_on_an_export_and_its_errors(trained_tiny_run, tmp_path):
   export_dir = os.path.join(trained_tiny_run, "export")
   if not os.path.exists(os.path.join(export_dir, "model.json")):
@@ -106,6 +113,7 @@ def test_command_line_on_an_export_and_its_errors(trained_tiny_run, tmp_path):
   assert proc.returncode == 2 and "8/255" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@needs_reference
 def test_sigkilled_reference_run_resumes(trained_tiny_run, tmp_path):
   """SIGKILL the reference engine once its first attack is recorded; the same command
   resumes from there and finishes."""

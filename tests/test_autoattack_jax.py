@@ -17,21 +17,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from pyautoattack import AutoAttack
-from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
-from pyautoattack.fab_projections import projection_l2 as ref_projection_l2
-from pyautoattack.fab_projections import projection_linf as ref_projection_linf
-from pyautoattack.fab_pt import FABAttack_PT
-from pyautoattack.square import SquareAttack
 
 from sovr_jax.attacks import autoattack as aa
 from sovr_jax.attacks.autoattack import common as aa_common
 from sovr_jax.attacks.autoattack import ensemble as ensemble_lib
 from sovr_jax.evaluation import targets
+from tests import references
+
+# The comparisons with the reference need it; the JAX AutoAttack's own tests run without it.
+REFERENCE = ("torch", "pyautoattack")
+needs_reference = references.needs(*REFERENCE)
+if references.have(*REFERENCE):
+  import torch
+  from pyautoattack import AutoAttack
+  from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+  from pyautoattack.fab_projections import projection_l2 as ref_projection_l2
+  from pyautoattack.fab_projections import projection_linf as ref_projection_linf
+  from pyautoattack.fab_pt import FABAttack_PT
+  from pyautoattack.square import SquareAttack
+  torch.set_num_threads(1)  # shared cores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-torch.set_num_threads(1)  # shared cores
 logging.getLogger("auto-attack").setLevel(logging.ERROR)
 
 N, EPS, EPS_L2, N_ITER, N_QUERIES, SEED, BATCH = 200, 0.02, 0.25, 20, 300, 0, 64
@@ -53,10 +59,13 @@ def _reference_apgd_iters(att, n_iter):
 def setup():
   params = targets.tiny_mlp_params(SEED)
   x, y = targets.tiny_mlp_data(N, SEED, params)
-  return {"fn": targets.tiny_mlp_jax(params), "torch": targets.tiny_mlp_torch(params),
-          "x": x, "y": y, "xj": jnp.asarray(x), "yj": jnp.asarray(y, jnp.int32),
-          "xt": torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
-          "yt": torch.from_numpy(y)}
+  out = {"fn": targets.tiny_mlp_jax(params), "x": x, "y": y, "xj": jnp.asarray(x),
+         "yj": jnp.asarray(y, jnp.int32)}
+  if references.have(*REFERENCE):  # the PyTorch twin, for the reference's side
+    out.update(torch=targets.tiny_mlp_torch(params),
+               xt=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+               yt=torch.from_numpy(y))
+  return out
 
 
 def _correct_jax(fn, x_adv, y):
@@ -121,6 +130,7 @@ def reference(setup):
 # --------------------------------------------------------------------------------------------
 
 
+@needs_reference
 def test_dlr_losses_match_reference():
   rng = np.random.default_rng(0)
   logits = (3 * rng.standard_normal((64, 10))).astype(np.float32)
@@ -138,6 +148,7 @@ def test_dlr_losses_match_reference():
       ref_t.dlr_loss_targeted(lt, yt).numpy(), rtol=1e-5, atol=1e-6)
 
 
+@needs_reference
 @pytest.mark.parametrize("n_iter", [10, 100])
 def test_step_size_checkpoints_match_reference(setup, n_iter):
   """The iterations and windows at which the reference checks the step size, recorded by
@@ -153,6 +164,7 @@ def test_step_size_checkpoints_match_reference(setup, n_iter):
     assert [i + 1 for i, _ in calls] == [22, 41, 57, 70, 80, 87, 93, 99]
 
 
+@needs_reference
 def test_check_oscillation_matches_reference():
   rng = np.random.default_rng(1)
   n_iter, n = 30, 16
@@ -180,6 +192,7 @@ def _projection_problems(seed, m=96, d=40):
   return t, w, b
 
 
+@needs_reference
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_projection_matches_reference(norm):
   t, w, b = _projection_problems(2)
@@ -197,6 +210,7 @@ def test_projection_matches_reference(norm):
   np.testing.assert_allclose(np.sum(w * (t + got), 1)[reach], b[reach], atol=1e-4)
 
 
+@needs_reference
 @pytest.mark.parametrize("loss,norm", [("ce", "linf"), ("dlr-targeted", "linf"), ("ce", "l2")])
 def test_apgd_run_follows_the_reference_trajectory(setup, loss, norm):
   """From the same start the run is deterministic: ours and the reference's attack_single_run
@@ -250,6 +264,7 @@ def test_outputs_lie_in_the_ball_and_box(setup, ours, name):
   assert 0.05 < robust.mean() < 0.95  # the attack broke some points, not all
 
 
+@needs_reference
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "fab-t", "fab", "fab-t-l2", "square",
                                   "square-l2"])
 def test_robust_accuracy_matches_reference(ours, reference, name):
@@ -324,6 +339,7 @@ def test_batched_runs_break_the_same_points(setup, attack, restarts):
     aa.apgd(fn, x, y, key, eps=EPS, runs_at_once=0)
 
 
+@needs_reference
 def test_square_schedule_matches_reference():
   ref = SquareAttack(None, p_init=0.8, n_queries=5000, eps=0.1, resc_schedule=False)
   ref_resc = SquareAttack(None, p_init=0.8, n_queries=1000, eps=0.1, resc_schedule=True)
@@ -339,6 +355,7 @@ def test_square_schedule_matches_reference():
     assert aa.square_sizes(5000, 32, 32, norm="l2")[it] == s, it
 
 
+@needs_reference
 @pytest.mark.parametrize("s", [1, 3, 5, 6, 29])
 def test_square_l2_pattern_matches_reference(s):
   ref = SquareAttack(None, norm="L2", eps=0.5, device="cpu")

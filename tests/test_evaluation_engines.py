@@ -6,10 +6,13 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from sovr_jax.attacks.autoattack import ensemble
 from sovr_jax.evaluation import compare, jax_engine, reference, schema, settings, targets
+from tests import references
+
+references.skip_module_without("torch", "pyautoattack")  # every test runs both engines
+import torch  # pylint: disable=wrong-import-position,wrong-import-order
 
 torch.set_num_threads(1)  # shared cores
 N, EPS, SEED, BATCH = 120, 0.02, 0, 64

@@ -2,9 +2,12 @@
 
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 from sovr_jax.evaluation import targets
+from tests import references
+
+references.skip_module_without("torch")  # every test compares with a PyTorch twin
+import torch  # pylint: disable=wrong-import-position,wrong-import-order
 
 torch.set_num_threads(1)
 

@@ -16,6 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests import references
+
+references.skip_module_without("torch")  # every test builds or loads a PyTorch twin
+# pylint: disable=wrong-import-position,wrong-import-order
 import torch
 
 from sovr_jax import export, models, rundir, torch_models

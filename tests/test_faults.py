@@ -24,6 +24,7 @@ from PIL import Image
 
 from configs import tiny
 from sovr_jax import checkpoint, data, experiment, jsonio, rundir, train
+from tests import references
 from sovr_jax.errors import (CheckpointError, ConfigError, DataError, TrainingDivergedError,
                              WorkdirError)
 
@@ -366,6 +367,7 @@ def test_missing_config_file_is_one_message(tmp_path):
   assert "configs/nothere.py" in proc.stderr
 
 
+@references.needs("torch")  # without it, the one message is the install line
 def test_export_cli_errors_are_one_message(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "sovr_jax.export", "--workdir",
                          str(tmp_path / "none"), "--out", str(tmp_path / "e")], cwd=REPO,

@@ -6,10 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from sovr_jax import losses
+from tests import references
+
+if references.have("torch"):  # the authors' PyTorch code; those tests skip without it
+  import torch
+  import torch.nn.functional as F
 
 
 def _batch(seed=0, n=16, k=10, scale=3.0):
@@ -104,6 +107,7 @@ def test_margin_ce_ovr_match_numpy():
   np.testing.assert_allclose(losses.ovr(z, y, reduce="mean"), np_ovr(z, y) / 10, rtol=1e-5)
 
 
+@references.needs("torch")
 def test_ce_matches_torch():
   z, y = _batch(1)
   ref = F.cross_entropy(T(z), T(y).long(), reduction="none").numpy()
@@ -228,6 +232,7 @@ def test_labels_out_of_range():
 
 
 # ----------------------------------------------------------------- baselines
+@references.needs("torch")
 def test_trades_matches_authors_code():
   z, y = _batch(10)
   za, _ = _batch(11)
@@ -246,6 +251,7 @@ def test_trades_kl_is_zero_on_equal_logits():
   np.testing.assert_allclose(losses.trades(z, z, y, beta=6.0), np_ce(z, y), rtol=1e-5)
 
 
+@references.needs("torch")
 def test_mart_matches_authors_code():
   z, y = _batch(13)
   za, _ = _batch(14)
@@ -258,6 +264,7 @@ def test_mart_matches_authors_code():
   np.testing.assert_allclose(gza, tza.grad.numpy(), rtol=1e-3, atol=1e-5)
 
 
+@references.needs("torch")
 def test_mail_weights_match_authors_code():
   z, y = _batch(15)
   ref = torch_mail_weights(T(z), T(y).long(), -1.5, 1.0).numpy()
@@ -268,6 +275,7 @@ def test_mail_weights_match_authors_code():
   np.testing.assert_array_equal(g, 0.0)
 
 
+@references.needs("torch")
 @pytest.mark.parametrize("num_steps", [10, 7])
 def test_gairat_weights_match_authors_code(num_steps):
   kappa = np.random.default_rng(0).integers(0, num_steps + 1, 32)

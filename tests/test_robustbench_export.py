@@ -20,6 +20,11 @@ import types
 import jax
 import numpy as np
 import pytest
+
+from tests import references
+
+references.skip_module_without("torch")  # every test builds or loads a PyTorch model
+# pylint: disable=wrong-import-position,wrong-import-order
 import torch
 
 from sovr_jax import default_config, export, models, torch_models

@@ -14,6 +14,7 @@ from configs import study as study_config
 from sovr_jax import stats, study, study_report
 from sovr_jax import config_lib
 from sovr_jax.evaluation import schema
+from tests import references
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -231,8 +232,9 @@ def test_gpu_study_script_at_tiny_scale(tmp_path):
   batch's JSON, merged into a study, plotted."""
   out_dir, work = tmp_path / "out", tmp_path / "runs"
   out_dir.mkdir()
+  check_engines = references.have("torch", "pyautoattack")  # always in CI
   env = dict(os.environ, OUT=str(out_dir), SCALE="tiny", RUNS="pgd_at", SEEDS="0,1",
-             CHECK="pgd_at_s1", N="16", CHECK_N="16", ATTACKS="apgd-ce", DEADLINE="900",
+             CHECK="pgd_at_s1" if check_engines else "", N="16", CHECK_N="16", ATTACKS="apgd-ce", DEADLINE="900",
              ATTACK_S="300", AA_BATCH="16", WORK=str(work),
              DATA=_small_cifar_tarball(tmp_path / "cifar10-jpeg.tar.gz"),
              CACHE_DIR=str(tmp_path / "cache"))
@@ -247,10 +249,11 @@ def test_gpu_study_script_at_tiny_scale(tmp_path):
     assert len(cell["margins"]["margins"]) == 64
     main = [r for r in cell["autoattack"] if r["role"] == "main"]
     assert len(main) == 1 and main[0]["n"] == 16 and len(main[0]["points"]["robust"]) == 16
-  check = batch["cells"]["pgd_at_s1"]
-  assert {r["engine"] for r in check["autoattack"] if r["role"] == "check"} == {
-      "jax", "reference"}
-  assert check["autoattack_check"]["rows"][0]["attack"] == "clean"
+  if check_engines:
+    check = batch["cells"]["pgd_at_s1"]
+    assert {r["engine"] for r in check["autoattack"] if r["role"] == "check"} == {
+        "jax", "reference"}
+    assert check["autoattack_check"]["rows"][0]["attack"] == "clean"
   # Rerunning the driver finds everything done: nothing is retrained or re-attacked.
   again = study.main([f"--config={REPO}/configs/study.py", "--scale=tiny", f"--workdir={work}",
                       f"--out={tmp_path / 'again.json'}",

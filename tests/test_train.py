@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 
 from configs import tiny
 from sovr_jax import bench, config_lib, methods, models, sharding, train
+from tests.references import needs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +80,9 @@ def test_batchnorm_stats_come_from_the_training_forward_only(bn_mode):
   assert any(changed)
 
 
+@needs("torch")
 def test_sgd_matches_torch():
+  import torch  # pylint: disable=import-outside-toplevel
   """optax chain == torch.optim.SGD(momentum, weight_decay) over a few steps."""
   cfg = tiny.get_config()
   cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay = 0.1, 0.9, 5e-4
