@@ -75,6 +75,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
                      optax.sgd(schedule, momentum=t.momentum or None, nesterov=t.nesterov))
 
 
+def global_norm(tree: Any) -> Array:
+  """sqrt(sum of x^2 over every leaf): the gradient's L2 norm, the ``grad_norm`` metric.
+
+  Written out because optax renamed it within the versions we support: ``optax.global_norm``
+  is deprecated (a DeprecationWarning on 0.2.8) for ``optax.tree.norm``, which 0.2.4 lacks.
+  """
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree_util.tree_leaves(tree)))
+
+
 def create_train_state(rng: Array, model: Any, image_shape: tuple[int, ...], tx) -> TrainState:
   variables = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
@@ -169,7 +179,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, *, steps_per_epoch: int,
         "switched": jnp.mean(aux["switched"]),
         "weight": jnp.mean(aux["weight"]),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": global_norm(grads),
     }
     if cfg.train.clean_acc_metric:
       metrics["clean_acc"] = jnp.mean(jnp.argmax(clean_eval_logits, -1) == labels)

@@ -61,6 +61,12 @@ def test_every_method_trains_without_nan(method):
     assert m["weight"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_grad_norm_is_the_global_l2_norm():
+  tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.full((4,), -2.0)}}
+  want = np.sqrt(np.sum(np.arange(6.0) ** 2) + 4 * 4.0)
+  np.testing.assert_allclose(train.global_norm(tree), want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("bn_mode", ["eval", "batch"])
 def test_batchnorm_stats_come_from_the_training_forward_only(bn_mode):
   """The attack must not update the running statistics. With eps = 0 and no
@@ -82,8 +88,8 @@ def test_batchnorm_stats_come_from_the_training_forward_only(bn_mode):
 
 @needs("torch")
 def test_sgd_matches_torch():
-  import torch  # pylint: disable=import-outside-toplevel
   """optax chain == torch.optim.SGD(momentum, weight_decay) over a few steps."""
+  import torch  # pylint: disable=import-outside-toplevel
   cfg = tiny.get_config()
   cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay = 0.1, 0.9, 5e-4
   tx = train.make_optimizer(cfg, optax.constant_schedule(0.1))
