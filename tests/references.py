@@ -7,8 +7,9 @@ that needs one says so (``@needs("torch")``, or ``skip_module_without("torch")``
 module's own imports of it) and is skipped, with the install line, where it is missing; the
 JAX-only tests still run.
 
-CI installs all three and sets ``SOVR_TESTS_REQUIRE_REFERENCES=1``: there a missing reference
-is an error at collection, never a skip.
+CI installs all three and sets ``SOVR_TESTS_REQUIRE_REFERENCES=1``: there a missing torch or
+pyautoattack is an error at collection, never a skip (tests/test_robustbench_export.py fails on
+its own without RobustBench).
 """
 
 from __future__ import annotations
@@ -50,5 +51,6 @@ def skip_module_without(*names: str) -> None:
 
 
 def have(*names: str) -> bool:
-  """Whether every module ``names`` is importable (False where CI would fail instead)."""
+  """Whether every module ``names`` is importable (under SOVR_TESTS_REQUIRE_REFERENCES a
+  missing one raises instead)."""
   return _missing(names) is None
