@@ -26,7 +26,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -377,11 +376,10 @@ def main(argv=None):
   dev = jax.devices()[0]
   peak_dtype = jnp.bfloat16 if dev.platform != "cpu" else jnp.float32
   peak = matmul_peak(peak_dtype)
-  # The provenance every result file records (versions, CPU, host, command, time), with
-  # torch's version when its rows run; "jax" and "python" stay at the top as in earlier files.
-  header = {"device": str(dev.device_kind), "platform": dev.platform,
-            "num_devices": jax.device_count(), "jax": jax.__version__,
-            "python": platform.python_version(),
+  # The provenance every result file records (versions, devices, CPU, host, command, time),
+  # with torch's version when its rows run. (Files before 2026-12-02 had only "jax" and
+  # "python" beside the device.)
+  header = {"platform": dev.platform, "num_devices": jax.device_count(),
             "matmul_peak_tflops": peak, "matmul_peak_dtype": jnp.dtype(peak_dtype).name,
             **rundir.provenance(*(("torch",) if a.torch else ()))}
   print(json.dumps(header), flush=True)

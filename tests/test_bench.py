@@ -81,6 +81,7 @@ def test_xla_flag_sets_run_side_by_side(tmp_path):
   assert saved["rows"] == rows and saved["header"]["platform"] == "cpu"
   # The header is a result file's provenance: every library's version, the CPU, the command.
   header = saved["header"]
-  assert header["versions"]["flax"] and header["versions"]["jax"] == header["jax"]
+  assert header["versions"]["flax"] and header["versions"]["jax"] == jax.__version__
+  assert header["device_kind"] and header["devices"]
   assert header["cpu"]["cores"] and header["created"]
   assert header["command"].startswith("python -m sovr_jax.bench --cpu_smoke")  # the subprocess

@@ -24,9 +24,9 @@ from PIL import Image
 
 from configs import tiny
 from sovr_jax import checkpoint, data, experiment, jsonio, rundir, train
-from tests import references
 from sovr_jax.errors import (CheckpointError, ConfigError, DataError, TrainingDivergedError,
                              WorkdirError)
+from tests import references
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,12 +39,15 @@ def _cfg(**overrides):
   return cfg
 
 
-def _restore(cfg, workdir, best=False):
+def _target(cfg):
+  """A fresh train state of ``cfg``'s model: the structure a checkpoint is restored into."""
   ds = experiment.load_data(cfg)
-  model = experiment.build_model(cfg, ds)
-  target = train.create_train_state(jax.random.PRNGKey(0), model, ds.image_shape,
-                                    train.make_optimizer(cfg, lambda s: 0.1))
-  return checkpoint.Checkpointer(workdir).restore(target, best=best)
+  return train.create_train_state(jax.random.PRNGKey(0), experiment.build_model(cfg, ds),
+                                  ds.image_shape, train.make_optimizer(cfg, lambda s: 0.1))
+
+
+def _restore(cfg, workdir, best=False):
+  return checkpoint.Checkpointer(workdir).restore(_target(cfg), best=best)
 
 
 def _assert_same_params(a, b):
@@ -135,10 +138,7 @@ def test_flipped_bytes_restore_silently_without_the_digest(copy):
   'ZSTD_decompressStream() failed'). That is not this test's case: it flips one place after
   another until a flip gets past Orbax, and that one must be caught by the digest.
   """
-  cfg = _cfg()
-  ds = experiment.load_data(cfg)
-  target = train.create_train_state(jax.random.PRNGKey(0), experiment.build_model(cfg, ds),
-                                    ds.image_shape, train.make_optimizer(cfg, lambda s: 0.1))
+  target = _target(_cfg())
   path = _largest_file(os.path.join(copy, "checkpoints", "16"))
   with open(path, "rb") as f:
     original = f.read()
