@@ -13,9 +13,9 @@ The argument after ':' is ``METHOD[,SCALE[,EPOCHS]]``:
         them (epochs 27 and 32: the MART/MAIL boundaries, 75 and 90 of 100, scaled), PGD-10 at
         eps 8/255 with step 2/255. MAIL reweights from 75 %, GAIRAT from 50 % (their recipes'
         fractions). EPOCHS lengthens it with the same shape (``full,60``: boundaries 45, 54).
-        36 epochs is what one GPU session allows (docs/results.md: about 9 minutes for two
-        cells sharing an H100/H200, of which about 6 for training at ~11,000 images/s for the
-        pair, the rest for compilation and AutoAttack on 10,000 test points).
+        36 epochs is what one GPU session allows (docs/results.md: about 9.5 minutes for two
+        cells sharing an H100/H200, of which about 6.5 for training at the ~12,000 images/s
+        that an H200 gave four cells together, the rest for AutoAttack on 10,000 test points).
   gpu   the first GPU study's 8 epochs (same settings otherwise, boundaries 6 and 7); its
         figures were trained with the warm-up bug (docs/results.md), kept for reference.
   cpu   a 1/8-width network (175k parameters) on 5,000 training images for 6 epochs, PGD-10,

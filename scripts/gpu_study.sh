@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session of the reproduction study (docs/results.md): a batch of cells (run x seed) in
-# about 9 minutes of one card, every cell's result written the moment it exists.
-#   1. train the cells (configs/study.py at $SCALE), all at once on the card;
+# about 9.5 minutes of one card (run it with timeout_s 600), every cell's result written the
+# moment it exists.
+#   1. train the cells (configs/study.py at $SCALE), all at once on the card; training may run
+#      until $ATTACK_S seconds before $DEADLINE: a cell whose training is cut has no result,
+#      while one whose AutoAttack is cut keeps its clean, PGD-20 and CW-20 figures and every
+#      attack that finished (docs/results.md gives the time budget);
 #   2. as each cell finishes training: the JAX AutoAttack on its first $N test points
 #      (per-point flags kept), then its cell JSON -> $OUT/cells/<cell>.json;
 #   3. on the $CHECK cells, if time is left: both engines side by side on the first $CHECK_N
@@ -25,8 +29,8 @@ CHECK=${CHECK-}
 N=${N:-10000}
 CHECK_N=${CHECK_N:-1000}
 ATTACKS=${ATTACKS:-}
-DEADLINE=${DEADLINE:-540}          # seconds from the start by which everything has ended
-ATTACK_S=${ATTACK_S:-150}          # kept for AutoAttack after training
+DEADLINE=${DEADLINE:-570}          # seconds from the start by which everything has ended
+ATTACK_S=${ATTACK_S:-45}           # the least kept for AutoAttack after training
 DATA=${DATA:-_data/cifar10-jpeg.tar.gz}
 WORK=${WORK:-/tmp/study}
 START=$(date +%s)
@@ -57,6 +61,8 @@ from configs import study; from sovr_jax import data
 d = study.get_config('sovr,$SCALE').data
 data.load_dataset(d.name, source=d.source, path='$DATA', cache_dir='${CACHE_DIR:-}' or None,
                   val_size=d.val_size)"
+
+echo "=== plan: training may run until $(( DEADLINE - ATTACK_S )) s of $DEADLINE s ($(left) s left)"
 
 cell() {  # RUN SEED: train, attack, write the cell; then the check if asked for
   local run=$1 seed=$2 name="$1_s$2"

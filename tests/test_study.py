@@ -5,14 +5,15 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
 
 from configs import study as study_config
-from sovr_jax import stats, study, study_report
-from sovr_jax import config_lib
+from sovr_jax import config_lib, rundir, stats, study, study_report
 from sovr_jax.evaluation import schema
 from tests import references
 
@@ -125,6 +126,40 @@ def test_attack_stage_commands(tmp_path, monkeypatch, capsys):
   assert all("--runs_at_once=9" in c and "--attack_dtype=bfloat16" in c for c in calls)
   both = next(c for c in calls if "--engine=both" in c)
   assert "--threads=1" in both and "--device=cpu" in both
+
+
+def test_a_cut_autoattack_keeps_the_cell_as_an_upper_bound(tmp_path):
+  """scripts/gpu_study.sh lets training run first and gives the AutoAttack what is left, so a
+  cell's AutoAttack may be cut by the driver's --aa_timeout: the child is killed, the cell
+  keeps its test figures and the attacks that finished, read as an upper bound, never as the
+  cell's AutoAttack figure, and a rerun redoes the attack."""
+  name = "pgd_at_s0"
+  wd = tmp_path / name
+  wd.mkdir()
+  best = {"epoch": 36, "clean_acc": 0.81, "pgd_acc": 0.5, "cw_acc": 0.49}
+  (wd / "report.json").write_text(json.dumps(
+      {"test": {"best": best}, "margins": {"mean": 0.1}, "config": {}}))
+  done = _fake_result(np.arange(40) % 2 == 0)  # what the JAX engine writes after APGD-CE
+  partial = schema.build("jax", version="standard", attacks=done["attacks"],
+                         clean=np.ones(40, bool), robust=np.arange(40) % 2 == 0,
+                         broken_by=["" if i % 2 == 0 else "apgd-ce" for i in range(40)],
+                         per_attack=done["per_attack"][:1], eps=8 / 255, norm="linf", seed=0,
+                         batch_size=40, settings={}, checks={}, model={}, dataset="cifar10",
+                         complete=False)
+  aa_path = str(wd / rundir.AUTOATTACK_FILES["jax"])
+  schema.write(aa_path, partial)
+  t0 = time.time()  # a real cut: the driver's own timeout kills its child
+  r = study._run([sys.executable, "-c", "import time; time.sleep(60)"],
+                 str(tmp_path / f"{name}.log"), timeout=1.0)
+  assert time.time() - t0 < 30 and not r["ok"] and "timed out after 1 s" in r["error"]
+  args = study._parser().parse_args([f"--workdir={tmp_path}", "--out=x"])
+  cell = study.collect_cell(name, study.cells("pgd_at", "0")[name], args, {name: [r]})
+  assert cell["test"]["best"] == best and cell["autoattack"][0]["complete"] is False
+  assert study_report.figure(cell) is None  # not the cell's AutoAttack figure
+  row = study_report.cell_table({"cells": {name: cell}}).splitlines()[-1]
+  assert "| 81.00 |" in row and "| - | <= 50.00 (APGD-CE, JAX, n=40) |" in row
+  assert "not checkable yet" in study_report.gate({"cells": {name: cell}})[1]
+  assert not study._finished(aa_path)  # a rerun attacks again
 
 
 def _fake_result(robust, engine="jax", n=None):
