@@ -34,6 +34,10 @@ ATTACK_S=${ATTACK_S:-45}           # the least kept for AutoAttack after trainin
 DATA=${DATA:-_data/cifar10-jpeg.tar.gz}
 WORK=${WORK:-/tmp/study}
 START=$(date +%s)
+if [ "$ATTACK_S" -lt 30 ]; then  # the AutoAttack stage keeps 20 s of it for its own ending
+  echo "ATTACK_S=$ATTACK_S is too short: keep at least 30 s for the AutoAttack stage." >&2
+  exit 2
+fi
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 
 export PYTHONPATH="$PWD:$PWD/_carry/pylib"
