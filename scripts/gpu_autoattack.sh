@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The AutoAttack speed check of docs/autoattack.md, for one GPU session (about 10 minutes on an
-# H100 or H200): worst case (every point stays robust, every attack runs in full) on a
-# PreActResNet-18, the JAX AutoAttack in float32 and pyautoattack side by side, then the JAX
-# AutoAttack with its attacks on the bfloat16 network alone, then APGD-CE, APGD-T and FAB-T with
-# the 9 targets of APGD-T and of FAB-T in one call (--runs_at_once 9). One JSON per part in $OUT.
+# The AutoAttack speed check of docs/autoattack.md, for one GPU session: worst case (every
+# point stays robust, every attack runs in full) on a PreActResNet-18, the JAX AutoAttack in
+# float32 and pyautoattack side by side, then the JAX AutoAttack with its attacks on the
+# bfloat16 network alone, then APGD-CE, APGD-T and FAB-T with the 9 targets of APGD-T and of
+# FAB-T in one call (--runs_at_once 9). One JSON per part in $OUT. Run it as one `run` call
+# with timeout_s 600: the parts' limits add up to 700 s, so the last part runs as far as the
+# call's time allows, and the parts before it keep their JSON.
 # Carry _carry/ (pyautoattack without examples/ and, where absl/yaml are missing, a fallback),
 # built by `bash scripts/prepare_carry.sh`.
 #   bash scripts/gpu_autoattack.sh                                   # on the device

@@ -387,7 +387,11 @@ def main(argv=None):
   if a.out:
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
 
+  last = [time.perf_counter()]
+
   def emit(row):  # rewrites --out after every row: a timeout keeps what finished
+    now = time.perf_counter()  # the case's wall time, compilation and profile included
+    row["case_s"], last[0] = round(now - last[0], 3), now
     rows.append(row)
     print(json.dumps(row), flush=True)
     if a.out:

@@ -64,6 +64,8 @@ def test_cpu_smoke_rows(tmp_path):
   epoch = by_kind[("jax", "pgd_at", None, True)]
   assert epoch["epoch_images"] == 256 and epoch["epoch_s"] > 0
   assert epoch["overhead"] == pytest.approx(epoch["epoch_s"] / epoch["steps_only_s"] - 1)
+  # Every row's wall time (compilation, profile included): the epoch row times two epochs.
+  assert all(r["case_s"] > 0 for r in rows) and epoch["case_s"] >= epoch["epoch_s"]
 
 
 def test_xla_flag_sets_run_side_by_side(tmp_path):
