@@ -34,6 +34,11 @@ ATTACK_S=${ATTACK_S:-45}           # the least kept for AutoAttack after trainin
 DATA=${DATA:-_data/cifar10-jpeg.tar.gz}
 WORK=${WORK:-/tmp/study}
 START=$(date +%s)
+CELLS=$(( $(tr ',' '\n' <<< "$RUNS" | grep -c .) * $(tr ',' '\n' <<< "$SEEDS" | grep -c .) ))
+if [ "$CELLS" -gt 5 ]; then  # run returns at most 8 files: the cells, the batch, log, logs
+  echo "RUNS x SEEDS make $CELLS cells: at most 5 per call (run returns 8 files from \$OUT)." >&2
+  exit 2
+fi
 if [ "$ATTACK_S" -lt 30 ]; then  # the AutoAttack stage keeps 20 s of it for its own ending
   echo "ATTACK_S=$ATTACK_S is too short: keep at least 30 s for the AutoAttack stage." >&2
   exit 2
