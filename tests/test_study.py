@@ -128,6 +128,25 @@ def test_attack_stage_commands(tmp_path, monkeypatch, capsys):
   assert "--threads=1" in both and "--device=cpu" in both
 
 
+def _cut_result(broken_by, finished):
+  """A JAX result cut after the attacks in ``finished``: ``broken_by`` per point, the attack
+  that would break it ("" for none; the attacks that did not run break nothing)."""
+  n = len(broken_by)
+  clean = np.ones(n, bool)
+  broken_by = [b if b in finished else "" for b in broken_by]
+  broken = np.array([b != "" for b in broken_by])
+  attacks = ("apgd-ce", "apgd-t", "fab-t", "square")
+  entries, left = [], clean.copy()
+  for a in finished:
+    left &= np.array([b != a for b in broken_by])
+    entries.append(schema.attack_entry(a, robust_acc=left.mean(), attacked=n, broken=0,
+                                       time_s=1.0))
+  return schema.build("jax", version="standard", attacks=attacks, clean=clean,
+                      robust=clean & ~broken, broken_by=list(broken_by), per_attack=entries,
+                      eps=8 / 255, norm="linf", seed=0, batch_size=n, settings={}, checks={},
+                      model={}, dataset="cifar10", complete=False)
+
+
 def test_a_cut_autoattack_keeps_the_cell_as_an_upper_bound(tmp_path):
   """scripts/gpu_study.sh lets training run first and gives the AutoAttack what is left, so a
   cell's AutoAttack may be cut by the driver's --aa_timeout: the child is killed, the cell
@@ -139,15 +158,8 @@ def test_a_cut_autoattack_keeps_the_cell_as_an_upper_bound(tmp_path):
   best = {"epoch": 36, "clean_acc": 0.81, "pgd_acc": 0.5, "cw_acc": 0.49}
   (wd / "report.json").write_text(json.dumps(
       {"test": {"best": best}, "margins": {"mean": 0.1}, "config": {}}))
-  done = _fake_result(np.arange(40) % 2 == 0)  # what the JAX engine writes after APGD-CE
-  partial = schema.build("jax", version="standard", attacks=done["attacks"],
-                         clean=np.ones(40, bool), robust=np.arange(40) % 2 == 0,
-                         broken_by=["" if i % 2 == 0 else "apgd-ce" for i in range(40)],
-                         per_attack=done["per_attack"][:1], eps=8 / 255, norm="linf", seed=0,
-                         batch_size=40, settings={}, checks={}, model={}, dataset="cifar10",
-                         complete=False)
-  aa_path = str(wd / rundir.AUTOATTACK_FILES["jax"])
-  schema.write(aa_path, partial)
+  aa_path = str(wd / rundir.AUTOATTACK_FILES["jax"])  # as the JAX engine leaves it after APGD-CE
+  schema.write(aa_path, _cut_result(["", "apgd-ce"] * 20, ("apgd-ce",)))
   t0 = time.time()  # a real cut: the driver's own timeout kills its child
   r = study._run([sys.executable, "-c", "import time; time.sleep(60)"],
                  str(tmp_path / f"{name}.log"), timeout=1.0)
@@ -235,25 +247,6 @@ def test_sanity_gate_and_the_plain_verdict():
   assert study_report.figure(s["cells"]["sovr_s0"])["engine"] == "jax"
 
 
-def _cut_result(broken_by, finished, clean=None):
-  """A JAX result cut after the attacks in ``finished``: ``broken_by`` per point, the attack
-  that would break it ("" for none; the attacks that did not run break nothing)."""
-  n = len(broken_by)
-  clean = np.ones(n, bool) if clean is None else np.asarray(clean, bool)
-  broken_by = [b if b in finished else "" for b in broken_by]
-  broken = np.array([b != "" for b in broken_by])
-  attacks = ("apgd-ce", "apgd-t", "fab-t", "square")
-  entries, left = [], clean.copy()
-  for a in finished:
-    left &= np.array([b != a for b in broken_by])
-    entries.append(schema.attack_entry(a, robust_acc=left.mean(), attacked=n, broken=0,
-                                       time_s=1.0))
-  return schema.build("jax", version="standard", attacks=attacks, clean=clean,
-                      robust=clean & ~broken, broken_by=list(broken_by), per_attack=entries,
-                      eps=8 / 255, norm="linf", seed=0, batch_size=n, settings={}, checks={},
-                      model={}, dataset="cifar10", complete=False)
-
-
 def test_a_cut_autoattack_is_compared_on_the_attacks_both_finished():
   """When a session's time cuts the AutoAttack, the paired difference compares the attacks
   both cells finished, on the same points, labelled an upper bound and provisional; the
@@ -265,7 +258,7 @@ def test_a_cut_autoattack_is_compared_on_the_attacks_both_finished():
   for run in ("pgd_at", "sovr"):
     u = rng.random(n)
     by[run] = np.where(u < 0.45, "apgd-ce", np.where(u < 0.5, "apgd-t", "")).astype(object)
-  by["sovr"][:300] = ""  # SOVR holds 300 more points under both attacks
+  by["sovr"][:300] = ""  # SOVR holds the first 300 points under both attacks
   s["cells"]["pgd_at_s0"]["autoattack"] = [
       {"role": "main", **_cut_result(by["pgd_at"], ("apgd-ce", "apgd-t"))}]
   s["cells"]["sovr_s0"]["autoattack"] = [
