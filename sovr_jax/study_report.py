@@ -107,9 +107,8 @@ def _aa_text(r: dict[str, Any] | None) -> str:
   name = "JAX" if r["engine"] == "jax" else "reference"
   if r.get("robust_acc") is not None and r.get("version") == "standard":
     return f"{_pct(r['robust_acc'])} ({name}, n={r['n']})"
-  after = r.get("robust_acc_after") or {}
-  done = [a for a in r.get("attacks", after) if after.get(a) is not None]
-  return (f"<= {_pct(after[done[-1]])} ({' + '.join(a.upper() for a in done)}, {name}, "
+  done = finished(r)
+  return (f"<= {_pct(r['robust_acc_after'][done[-1]])} ({_attacks_text(done)}, {name}, "
           f"n={r['n']})") if done else "-"
 
 
