@@ -136,7 +136,7 @@ def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: st
   set (numpy gather + transfer, as the training loop does), to show whether the
   input pipeline costs anything next to the step. ``fold_bn``: attack.fold_bn. With
   ``profile_dir``, three more calls are traced there and read per kernel class (the row's
-  "profile"), and the compiled step's HLO is counted (its "hlo": ``profiling.hlo_census``).
+  "profile"). Every row counts the compiled step's HLO (its "hlo": ``profiling.hlo_census``).
   """
   cfg = _bench_config(method, arch, width, batch, precision, num_steps, steps_per_dispatch,
                       clean_metric, fold_bn)
@@ -162,10 +162,10 @@ def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: st
   holder = {"state": sharding.replicate(state, mesh)}
   device_batch = train.put_batch((images[:batch * k].reshape(shape + image_shape),
                                   labels[:batch * k].reshape(shape)), mesh, stacked=k > 1)
-  hlo = None
-  if profile_dir:  # compiled once, ahead of time: timed, traced, and its HLO counted
-    fn = fn.lower(holder["state"], device_batch, key).compile()
-    hlo = profiling.hlo_census(fn.as_text())
+  # Compiled once, ahead of time: timed, traced where asked, and its HLO counted (its
+  # transposes and copies show a layout that does not suit the convolutions).
+  fn = fn.lower(holder["state"], device_batch, key).compile()
+  hlo = profiling.hlo_census(fn.as_text())
 
   def one():
     if host_batches:
@@ -182,13 +182,12 @@ def bench_jax(method: str, arch: str, *, width: float, batch: int, precision: st
   # Forward equivalents per image (backward = 2 forwards): K attack steps of forward +
   # input gradient, the training forward + backward, and the metric's clean forward.
   passes = 2 * num_steps + 2 + (1 if clean_metric else 0)
-  prof = {}
+  prof = {"hlo": hlo}
   if profile_dir:
     case = (f"{arch}_{method}_b{batch}_{precision}_k{k}"
             f"{'_host' if host_batches else ''}{'' if clean_metric else '_noclean'}"
             f"{'_fold' if fold_bn else ''}")
     prof["profile"] = profiling.profile(one, logdir=os.path.join(profile_dir, case), steps=3)
-    prof["hlo"] = hlo
     print(f"profile of {case}:\n{profiling.format_table(prof['profile'])}\n"
           f"compiled step: {json.dumps(prof['hlo'])}", flush=True)
   return {**prof, "framework": "jax", "method": method, "arch": arch, "width": width, "batch": batch,

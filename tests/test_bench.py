@@ -78,6 +78,8 @@ def test_xla_flag_sets_run_side_by_side(tmp_path):
   assert [(r["xla_flags"], r["steps_per_dispatch"]) for r in rows] == [
       ("", 1), ("--xla_cpu_use_onednn=false", 1)]
   assert all(r["images_per_s"] > 0 for r in rows)
+  # Untraced rows count their compiled HLO too (a layout's transposes show there).
+  assert all(r["hlo"]["ops"]["while"] >= 1 for r in rows)
   import json  # pylint: disable=import-outside-toplevel
   saved = json.loads(out.read_text())
   assert saved["rows"] == rows and saved["header"]["platform"] == "cpu"
