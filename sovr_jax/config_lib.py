@@ -47,7 +47,7 @@ RANGES = {
     "attack.num_steps": "[0, 10000]",
     "sovr.ovr_fraction": "[0, 1]",
     "trades.beta": "[0, 100]",
-    "mart.beta": "[0, 100]",
+    "mart.beta": "[-1, 100]",
     "mail.bias": "[-100, 100]",
     "mail.slope": "(0, 100]",
     "mail.beta": "[0, 100]",
@@ -196,6 +196,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            "train.lr_boundaries",
            f"the first decay (epoch {bounds[0] if bounds else None}) falls inside the warm-up "
            f"(train.warmup_epochs={t.warmup_epochs}); start the decays after the warm-up.")
+  _require(cfg.mart.beta == -1 or cfg.mart.beta >= 0, "mart.beta",
+           f"got {cfg.mart.beta!r}; use a weight in [0, 100], or -1 for the authors' value "
+           f"for the model (6 for WRN, 5 otherwise).")
   for section in ("mail", "gairat"):
     start = cfg[section].start_epoch
     _require(start < t.epochs, f"{section}.start_epoch",

@@ -70,7 +70,7 @@ def get_config(method: str = "sovr") -> ml_collections.ConfigDict:
   c.trades.beta = 6.0
 
   c.mart = ml_collections.ConfigDict()
-  c.mart.beta = 5.0                # 5 for ResNet-18, 6 for WRN (Wang et al.).
+  c.mart.beta = -1.0               # -1 = Wang et al.'s for the model: 6 for WRN, 5 otherwise.
 
   c.mail = ml_collections.ConfigDict()
   c.mail.bias = -1.5
@@ -80,7 +80,7 @@ def get_config(method: str = "sovr") -> ml_collections.ConfigDict:
 
   c.gairat = ml_collections.ConfigDict()
   c.gairat.lam = -1.0
-  c.gairat.start_epoch = -1        # -1 = 50 % of train.epochs (60 of 120 in GAIRAT).
+  c.gairat.start_epoch = -1        # -1 = from the middle epoch (0-based 59 of 120 in GAIRAT).
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128         # global batch, split over all devices.

@@ -23,7 +23,11 @@ Array = jax.Array
 class MethodSpec:
   description: str
   attack_objective: str | None     # None: no attack (standard training).
-  default_init: str = "uniform"    # attack start when attack.init == "auto".
+  # The attack's start when attack.init == "auto": the authors' own. TRADES, MART and MAIL
+  # (mart_loss, mail_loss: x + 0.001 * randn) start at "normal"; PGD-AT (Madry et al.) and
+  # GAIRAT (GA_PGD, rand_init=True) uniformly in the ball; SOVR and OVR, whose code was not
+  # released, as PGD-AT (our choice).
+  default_init: str = "uniform"
   clean_forward: bool = False      # the loss needs clean logits with gradient.
   needs_kappa: bool = False        # GAIRAT's count of correct attack iterates.
 
@@ -37,9 +41,9 @@ METHODS: dict[str, MethodSpec] = {
     "trades": MethodSpec("TRADES (Zhang et al. 2019): clean CE + beta * KL(p(x) || p(x')).",
                          "kl", default_init="normal", clean_forward=True),
     "mart": MethodSpec("MART (Wang et al. 2020): boosted CE + beta * KL weighted by 1 - p_y(x).",
-                       "ce", clean_forward=True),
+                       "ce", default_init="normal", clean_forward=True),
     "mail_at": MethodSpec("MAIL-AT (Wang et al. 2021): CE weighted by the probabilistic margin.",
-                          "ce"),
+                          "ce", default_init="normal"),
     "mail_trades": MethodSpec("MAIL-TRADES (Wang et al. 2021): TRADES with the KL term weighted "
                               "by the probabilistic margin.", "kl", default_init="normal",
                               clean_forward=True),
@@ -55,16 +59,30 @@ def get_spec(name: str) -> MethodSpec:
 
 
 def reweight_start_epoch(name: str, cfg: Any, epochs: int) -> int:
-  """First epoch with MAIL/GAIRAT reweighting; -1 in the config means the
-  authors' recipe scaled to ``epochs``: MAIL at 75 % (75 of 100), GAIRAT at
-  50 % (60 of 120)."""
+  """First epoch (0-based) with MAIL/GAIRAT reweighting.
+
+  ``start_epoch`` is that epoch; -1 (the default) is the authors' recipe scaled to
+  ``epochs``. MAIL's train.py reweights from 0-based epoch 75 (``range(begin_epoch,
+  epochs)``, its warm start) and stops after epoch 100: 75 %. GAIRAT.py reweights where
+  ``(epoch + 1) >= begin_epoch`` with begin_epoch 60 of 120: from 0-based epoch 59, the 60th
+  epoch, so half the epochs, rounded, minus one.
+  """
   if name in ("mail_at", "mail_trades"):
-    start, fraction = cfg.mail.start_epoch, 0.75
+    start, first = cfg.mail.start_epoch, int(round(0.75 * epochs))
   elif name == "gairat":
-    start, fraction = cfg.gairat.start_epoch, 0.5
+    start, first = cfg.gairat.start_epoch, max(0, int(round(0.5 * epochs)) - 1)
   else:
     return 0
-  return int(round(fraction * epochs)) if start < 0 else int(start)
+  return first if start < 0 else int(start)
+
+
+def mart_beta(cfg: Any) -> float:
+  """MART's beta: ``mart.beta``, or where it is -1 (the default) the authors' value for the
+  model: 6 for the WideResNets (train_wideresnet.py), 5 for the others (train_resnet.py)."""
+  beta = float(cfg.mart.beta)
+  if beta != -1.0:
+    return beta
+  return 6.0 if str(cfg.model.name).startswith("wrn") else 5.0
 
 
 def method_loss(name: str, cfg: Any, *, adv_logits: Array, labels: Array,
@@ -114,7 +132,7 @@ def method_loss(name: str, cfg: Any, *, adv_logits: Array, labels: Array,
   elif name == "trades":
     loss = losses.trades(clean_logits, adv_logits, labels, beta=cfg.trades.beta)
   elif name == "mart":
-    loss = losses.mart(clean_logits, adv_logits, labels, beta=cfg.mart.beta)
+    loss = losses.mart(clean_logits, adv_logits, labels, beta=mart_beta(cfg))
   elif name in ("mail_at", "mail_trades"):
     c = cfg.mail
     w = losses.mail_weights(adv_logits, labels, bias=c.bias, slope=c.slope)
