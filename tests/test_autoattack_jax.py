@@ -414,27 +414,67 @@ def test_ensemble_examples_are_valid(setup, ensemble):
   assert np.array_equal(res["y_adv"] == y, robust)
 
 
+def _on_the_data(v, x):
+  """[B] bool: which rows of v are exactly one of the clean points x."""
+  flat, xs = v.reshape(v.shape[0], -1), jnp.asarray(x).reshape(len(x), -1)
+  return jnp.any(jnp.all(flat[:, None, :] == xs[None], -1), 1)
+
+
 def test_decisions_are_made_on_model_fn_not_the_attack_network(setup, ensemble):
-  """With an attack network that already misclassifies everything (class 0 + 1e4), the attacks
-  stop at once; the points still count as robust, because model_fn classifies their returned
-  examples correctly. A bfloat16 attack network breaks about as many points as float32."""
-  x, y = setup["x"], setup["y"]
+  """With an attack network that is the model on the clean points and says class 0 (+1e4)
+  everywhere else, the attacks stop at once; the points still count as robust, because
+  model_fn classifies their returned examples correctly. A bfloat16 attack network breaks
+  about as many points as float32."""
+  x, y, fn = setup["x"], setup["y"], setup["fn"]
   kw = dict(eps=EPS, batch_size=BATCH, n_iter=N_ITER, n_queries=N_QUERIES, log=None,
             attacks=("apgd-ce", "apgd-t"))
   labels_not_0 = y != 0
-  blind = aa.run_standard(setup["fn"], x[labels_not_0], y[labels_not_0], SEED,
-                          attack_model_fn=targets.worst_case_jax(setup["fn"]), **kw)
-  s = blind["summary"]
-  assert s["settings"]["separate_attack_model"]
+
+  def blind(v):
+    z = fn(v)
+    return z + jnp.where(_on_the_data(v, x), 0.0, 1e4)[:, None] * jax.nn.one_hot(0, z.shape[-1])
+  res = aa.run_standard(fn, x[labels_not_0], y[labels_not_0], SEED, attack_model_fn=blind, **kw)
+  s = res["summary"]
+  assert s["settings"]["separate_attack_model"] and s["settings"]["attacked_on_model"] == 0
   assert s["robust_acc"] >= s["clean_acc"] - 0.1
   assert s["checks"]["broken_misclassified"] and s["checks"]["flags_disagree"] == 0
   normal = ensemble[0]["summary"]["robust_acc_after"]["apgd-t"]
   assert s["robust_acc"] > normal + 0.3
 
-  bf16 = aa.run_standard(setup["fn"], x, y, SEED,
-                         attack_model_fn=lambda v: setup["fn"](v.astype(jnp.bfloat16)), **kw)
+  bf16 = aa.run_standard(fn, x, y, SEED, attack_model_fn=lambda v: fn(v.astype(jnp.bfloat16)),
+                         **kw)
   assert abs(bf16["summary"]["robust_acc"] - normal) <= 0.1
   assert bf16["summary"]["checks"]["broken_misclassified"]
+
+
+def test_points_only_the_attack_network_gets_wrong_are_attacked_on_the_model(setup, ensemble):
+  """An attack network (bfloat16, say) that misclassifies a clean point the model gets right
+  would skip it in every attack (each attack attacks only what its network classifies
+  correctly), leaving it robust. Such points are attacked on model_fn: here the 30
+  smallest-margin points, which the attack network gets wrong clean and the model's own
+  attacks break, are broken as in the model's own ensemble."""
+  x, y, fn = setup["x"], setup["y"], setup["fn"]
+  z = np.asarray(fn(jnp.asarray(x)))
+  margin = np.take_along_axis(z, y[:, None], 1)[:, 0] - np.where(
+      np.eye(z.shape[1], dtype=bool)[y], -np.inf, z).max(1)
+  flipped = np.zeros(len(y), bool)
+  flipped[np.argsort(margin)[:30]] = True
+  flipped_x = jnp.asarray(x[flipped])
+
+  def wrong_on_them(v):  # the model, but -1e4 on the true class of the flipped clean points
+    z = fn(v)
+    hit = jnp.all(v.reshape(v.shape[0], 1, -1) == flipped_x.reshape(1, len(flipped_x), -1), -1)
+    true_class = jnp.asarray(y[flipped])[jnp.argmax(hit, 1)]
+    return z - 1e4 * (hit.any(1)[:, None] * jax.nn.one_hot(true_class, z.shape[-1]))
+  res = aa.run_standard(fn, x, y, SEED, eps=EPS, batch_size=BATCH, n_iter=N_ITER,
+                        n_queries=N_QUERIES, log=None, attacks=("apgd-ce", "apgd-t"),
+                        attack_model_fn=wrong_on_them)
+  s, own = res["summary"], ensemble[0]
+  assert s["settings"]["attacked_on_model"] == 30
+  own_broken = int((~own["robust"][flipped]).sum())
+  assert own_broken >= 20  # the smallest margins: the model's own attacks break most of them
+  assert int((~res["robust"][flipped]).sum()) >= own_broken - 2
+  assert s["checks"]["broken_misclassified"] and s["checks"]["flags_disagree"] == 0
 
 
 def test_ensemble_with_runs_batched_breaks_the_same_points(setup, ensemble):

@@ -11,8 +11,8 @@ the ensemble:
   robust(i) = [f(x_i) = y_i] * prod_a [f(A_a(x_i)) = y_i].
 
 Standard version (L-inf and L2): APGD-CE (1 restart), APGD-T (9 target
-classes, 1 restart each), FAB-T (9 target classes), Square (5000 queries),
-all with 100 iterations.
+classes, 1 restart each), FAB-T (9 target classes), each with 100 iterations,
+and Square (5000 queries).
 
 The points are processed in batches of ``batch_size`` (fewer rows when fewer
 points are left for an attack: ``attack_batch_size``); the last batch is
@@ -183,7 +183,9 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
       same weights in bfloat16 (about twice as fast on GPU/TPU matrix units); default
       ``model_fn``. Every decision is made on ``model_fn``: the clean accuracy, whether an
       attack's output breaks a point (a point only the attack network misclassifies stays
-      robust and goes on to the next attack) and the final checks.
+      robust and goes on to the next attack), the final checks, and which points the attack
+      network can attack: those it gets wrong clean while ``model_fn`` gets them right are
+      attacked on ``model_fn`` (summary ``settings.attacked_on_model``).
     after_attack: called after each attack with the state so far ({"attacks": names done,
       "clean", "robust", "broken_by" [N], "robust_acc_after", "time_s", "compile_s",
       "attacked"}), e.g. to save a partial result that a cut run keeps.
@@ -232,10 +234,12 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
       yield (sel, jax.device_put(xs[pad], data_sh), jax.device_put(y[pad], data_sh),
              jax.device_put(active, data_sh))
 
-  logits_fn = jax.jit(lambda xb: model_fn(xb).astype(jnp.float32), in_shardings=data_sh,
-                      out_shardings=data_sh)
+  def jit_logits(fn):
+    return jax.jit(lambda xb: fn(xb).astype(jnp.float32), in_shardings=data_sh,
+                   out_shardings=data_sh)
+  logits_fn = jit_logits(model_fn)
 
-  def logits_all(xs):
+  def logits_all(xs, logits_fn=logits_fn):
     outs = [(sel, logits_fn(xb)) for sel, xb, _, _ in batches(np.arange(len(xs)), xs)]
     logits = None
     for sel, z in outs:
@@ -250,33 +254,39 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
 
   clean_pred = predict_all(x)
   robust = clean_pred == y
+  # Every attack skips the points its own network gets wrong clean. With a separate attack
+  # network (bfloat16), a point that only it gets wrong would never be attacked and would stay
+  # robust: such points are attacked on model_fn itself.
+  on_model = np.zeros(n, bool)
+  if attack_model_fn is not None and n:
+    on_model = robust & (logits_all(x, jit_logits(attack_model_fn)).argmax(1) != y)
   clean_acc = float(robust.mean()) if n else 0.0
   x_adv = x.copy()
   broken_by = np.full(n, "", dtype=object)
   rejected = 0
   say(f"autoattack-jax: {n} points, {norm} eps={eps:.6g}, attacks {', '.join(attacks)}, "
       f"batch {batch_size}, {mesh.devices.size} device(s); clean accuracy {clean_acc:.2%}")
-  robust_after, time_s, compile_s, attacked, rows = {}, {}, {}, {}, {}
-  for name in attacks:
-    idx = np.flatnonzero(robust)
-    if len(idx) == 0:
-      say(f"autoattack-jax: no robust points left, skipping {name}")
-      robust_after[name], time_s[name], compile_s[name], attacked[name] = 0.0, 0.0, 0.0, 0
-      continue
-    attacked[name] = int(len(idx))
-    bs = rows[name] = attack_batch_size(len(idx), batch_size, mesh.devices.size)
-    attack = make_attack(name, attack_model_fn or model_fn, eps=eps, norm=norm,
-                         n_iter=n_iter, n_queries=n_queries, n_target_classes=n_target_classes,
-                         n_restarts=apgd_restarts, early_stop=early_stop,
-                         runs_at_once=runs_at_once)
 
-    def attack_and_predict(xb, yb, ab, kb, attack=attack):
+  def attack_points(name, net, idx, on_model_share):
+    """Runs attack ``name`` on network ``net`` over the points ``idx``, in batches; marks the
+    points whose output ``model_fn`` misclassifies inside the ball as broken. Returns (points
+    broken, seconds, compile seconds, rows per call). ``on_model_share``: the points attacked
+    on model_fn beside a separate attack network, with keys of their own."""
+    nonlocal rejected
+    bs = attack_batch_size(len(idx), batch_size, mesh.devices.size)
+    attack = make_attack(name, net, eps=eps, norm=norm, n_iter=n_iter, n_queries=n_queries,
+                         n_target_classes=n_target_classes, n_restarts=apgd_restarts,
+                         early_stop=early_stop, runs_at_once=runs_at_once)
+
+    def attack_and_predict(xb, yb, ab, kb):
       xa = attack(xb, yb, ab, kb)
       return xa, common.predict(model_fn, xa)
 
     jitted = jax.jit(attack_and_predict, in_shardings=(data_sh, data_sh, data_sh, rep_sh),
                      out_shardings=(data_sh, data_sh))
     attack_key = jax.random.fold_in(key, ATTACKS.index(name))
+    if on_model_share:
+      attack_key = jax.random.fold_in(attack_key, len(ATTACKS))
     say(f"autoattack-jax: {name}: compiling for batches of {bs} rows ...")
     t0 = time.perf_counter()
     shapes = (jax.ShapeDtypeStruct((bs,) + x.shape[1:], jnp.float32, sharding=data_sh),
@@ -284,12 +294,12 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
               jax.ShapeDtypeStruct((bs,), jnp.bool_, sharding=data_sh),
               jax.ShapeDtypeStruct(attack_key.shape, attack_key.dtype, sharding=rep_sh))
     compiled = jitted.lower(*shapes).compile()
-    compile_s[name] = time.perf_counter() - t0
+    compile_secs = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     pending = [(sel, compiled(xb, yb, ab, jax.random.fold_in(attack_key, b)))
                for b, (sel, xb, yb, ab) in enumerate(batches(idx, x, bs))]
-    broken_count = 0
+    count = 0
     if log is not None and len(pending) > 1:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
       pending = tqdm(pending, desc=f"autoattack-jax: {name}", unit="batch", leave=False,
@@ -305,8 +315,31 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
       robust[sel[broken]] = False
       x_adv[sel[broken]] = xa[broken]
       broken_by[sel[broken]] = name
-      broken_count += int(broken.sum())
-    time_s[name] = time.perf_counter() - t0
+      count += int(broken.sum())
+    return count, time.perf_counter() - t0, compile_secs, bs
+
+  if on_model.any():
+    say(f"autoattack-jax: {int(on_model.sum())} points only the attack network misclassifies "
+        f"clean are attacked on the model itself")
+  robust_after, time_s, compile_s, attacked, rows = {}, {}, {}, {}, {}
+  for name in attacks:
+    idx = np.flatnonzero(robust)
+    if len(idx) == 0:
+      say(f"autoattack-jax: no robust points left, skipping {name}")
+      robust_after[name], time_s[name], compile_s[name], attacked[name] = 0.0, 0.0, 0.0, 0
+      continue
+    attacked[name] = int(len(idx))
+    time_s[name] = compile_s[name] = 0.0
+    broken_count = 0
+    for net, group, share in ((attack_model_fn or model_fn, idx[~on_model[idx]], False),
+                              (model_fn, idx[on_model[idx]], True)):
+      if len(group) == 0:
+        continue
+      broken, secs, compile_secs, bs = attack_points(name, net, group, share)
+      rows.setdefault(name, bs)
+      broken_count += broken
+      time_s[name] += secs
+      compile_s[name] += compile_secs
     robust_after[name] = float(robust.mean())
     say(f"autoattack-jax: {name}: {broken_count} of {len(idx)} points broken; robust accuracy "
         f"after {name.upper()}: {robust_after[name]:.2%} ({time_s[name]:.2f} s, compile "
@@ -350,7 +383,8 @@ def run_standard(model_fn: ModelFn, x: Any, y: Any, rng: Any, *, eps: float,
       "settings": {"n_iter": n_iter, "n_queries": n_queries,
                    "n_target_classes": n_target_classes, "apgd_restarts": apgd_restarts,
                    "early_stop": early_stop, "runs_at_once": runs_at_once,
-                   "separate_attack_model": attack_model_fn is not None},
+                   "separate_attack_model": attack_model_fn is not None,
+                   "attacked_on_model": int(on_model.sum())},
       "devices": [str(d) for d in mesh.devices.flat], "checks": checks,
   }
   return {"x_adv": x_adv, "y_adv": final_pred, "robust": robust, "clean": clean_pred == y,
