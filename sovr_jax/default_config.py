@@ -60,9 +60,9 @@ def get_config(method: str = "sovr") -> ml_collections.ConfigDict:
   c.attack.fold_bn = False
 
   c.sovr = ml_collections.ConfigDict()
-  c.sovr.ovr_fraction = 0.4        # rho: fraction of each batch switched to OVR (the paper's;
-  #                                  the CPU-scale sweep of docs/results.md leans to 0.2
-  #                                  within noise).
+  c.sovr.ovr_fraction = 0.4        # rho: fraction of each batch switched to OVR. Open
+  #                                  (method.md): our choice until the GPU sweep; the CPU-scale
+  #                                  sweep of docs/results.md leans to 0.2 within noise.
   c.sovr.margin_on = "adv"         # margins for the selection: adv | clean (open).
   c.sovr.ovr_reduce = "sum"        # OVR over classes: sum | mean (open).
 
@@ -75,7 +75,8 @@ def get_config(method: str = "sovr") -> ml_collections.ConfigDict:
   c.mail = ml_collections.ConfigDict()
   c.mail.bias = -1.5
   c.mail.slope = 1.0
-  c.mail.beta = 6.0                # MAIL-TRADES's KL weight.
+  c.mail.beta = 6.0                # MAIL-TRADES's KL weight: TRADES's 6 (our choice; MAIL's
+  #                                  train.py has one --beta, 5, for its TRADES and MART forms).
   c.mail.start_epoch = -1          # -1 = 75 % of train.epochs (75 of 100 in MAIL).
 
   c.gairat = ml_collections.ConfigDict()
