@@ -17,8 +17,9 @@ twin, resumable after a kill (run the same command again), every example verifie
 comparison. Every engine writes one result schema (``evaluation/schema.py``: per attack the
 robust accuracy, time and points attacked; per point the final robust flag and the attack
 that broke it) to W/autoattack.json (reference), W/autoattack_jax.json (jax) and, for both,
-W/autoattack_compare.json. ``--jax_pgd`` adds the JAX model's PGD-20 / CW-20 on the same
-points, UPPER BOUNDS on robust accuracy.
+W/autoattack_compare.json. A finished result already there is kept, renamed to
+``<name>.earlier-<its time>.json``. ``--jax_pgd`` adds the JAX model's PGD-20 / CW-20 on the
+same points, UPPER BOUNDS on robust accuracy.
 """
 
 from __future__ import annotations
@@ -173,6 +174,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _log("JAX PGD-20 / CW-20 on the same points (upper bounds) ...")
     upper = target.upper_bounds(target.x, target.y, eps=target.eps, seed=args.seed,
                                 batch_size=args.batch_size)
+  from sovr_jax.evaluation import schema  # pylint: disable=import-outside-toplevel
+  for key in engines + (("compare",) if args.engine == "both" else ()):
+    os.makedirs(os.path.dirname(outs[key]), exist_ok=True)
+    kept = schema.keep_earlier(outs[key])  # a new evaluation never replaces a finished one
+    if kept:
+      _log(f"An earlier result was at {outs[key]}; kept it as {kept}.")
   results: dict[str, Any] = {}
   for engine in engines:
     _log(f"{engine}: AutoAttack ({version}: {', '.join(attacks)}) on {target.n} points of "

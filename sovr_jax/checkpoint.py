@@ -156,7 +156,9 @@ class Checkpointer:
     check_finite(state, leaves)
     meta = {**meta, DIGEST_KEY: state_digest(leaves)}
     step = int(_host(state.step))
-    managers = [self._latest] + ([self._best] if best else [])
+    # The best first: a crash between the two saves then leaves the best saved, and the resume
+    # (from the previous latest) trains the epoch again; the other order would lose it.
+    managers = ([self._best] if best else []) + [self._latest]
     for mngr in managers:
       if step in mngr.all_steps():
         continue
@@ -166,6 +168,9 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
+
+  def best_steps(self) -> list[int]:
+    return sorted(self._best.all_steps())
 
   def _restore(self, mngr: ocp.CheckpointManager, step: int, target: Any):
     restored = mngr.restore(step, args=ocp.args.Composite(

@@ -2,34 +2,76 @@
 
 A :class:`sovr_jax.errors.SovrError` (a bad config field, a missing data set, a workdir in
 use, an unreadable checkpoint, a diverged run) is printed as ``error: <message>`` on stderr;
-anything else is a bug and keeps its traceback.
+so is a file that cannot be written (a full disk, a read-only folder). SIGINT (Ctrl-C) and
+SIGTERM (a scheduler's preemption) stop a command with one line and status 128 + the signal;
+``finally`` blocks run first (the workdir's lock is released). Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import signal
 import sys
+import threading
 from typing import Any, Callable, NoReturn, Sequence
 
-from sovr_jax.errors import SovrError
+from sovr_jax.errors import Interrupted, SovrError
 
 EXIT_USER_ERROR = 2
+#: OSError numbers that mean "this path cannot be written here", not a bug.
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "a read-only file "
+                 "system", errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, status: int = EXIT_USER_ERROR) -> NoReturn:
   print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_USER_ERROR)
+  sys.exit(status)
+
+
+def _terminated(signum, frame) -> NoReturn:
+  del frame
+  raise Interrupted(f"stopped by {signal.Signals(signum).name}.", 128 + signum)
+
+
+def write_error(e: OSError) -> str | None:
+  """One message for an OSError that means a path cannot be written, else None."""
+  reason = _WRITE_ERRNOS.get(e.errno)
+  if reason is None:
+    return None
+  where = f" {e.filename}" if e.filename else ""
+  return (f"cannot write{where}: {reason}. Free space, or pass a writable --workdir / --out; "
+          f"a training run resumes from its newest checkpoint when the same command runs "
+          f"again.")
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """``fn`` with SovrError turned into ``error: ...`` and exit status 2."""
+  """``fn`` with SovrError and unwritable paths turned into ``error: ...`` and exit status 2,
+  and SIGINT / SIGTERM into one line and status 130 / 143."""
 
   def wrapper(*args, **kwargs):
+    main_thread = threading.current_thread() is threading.main_thread()  # signals: main only
+    previous = signal.getsignal(signal.SIGTERM)
+    if main_thread:
+      signal.signal(signal.SIGTERM, _terminated)
     try:
       return fn(*args, **kwargs)
+    except Interrupted as e:
+      fail(str(e), e.exit_status)
+    except KeyboardInterrupt:
+      fail("interrupted (SIGINT).", 128 + signal.SIGINT)
     except SovrError as e:
       fail(str(e))
+    except OSError as e:
+      message = write_error(e)
+      if message is None:
+        raise
+      fail(message)
+    finally:
+      if main_thread:
+        signal.signal(signal.SIGTERM, previous)
   wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
   return wrapper
 
@@ -68,7 +110,8 @@ def config_flags_parser(flag_values) -> Callable[[Sequence[str]], list[str]]:
       fail(f"a --config.<field> override failed: {e}")
     except flags.Error as e:
       fail(f"{_last_line(str(e.__cause__ or e))} (run with --helpshort for the flags)")
-    except (OSError, ValueError, ImportError) as e:  # a config file that cannot be loaded
+    # A config file that cannot be loaded (missing, failing, or not Python).
+    except (OSError, ValueError, ImportError, SyntaxError, NameError) as e:
       missing = re.search(r"No such file or directory: '([^']+)'", str(e))
       if missing:
         fail(f"--config: no config file {missing.group(1)!r} (a path relative to "

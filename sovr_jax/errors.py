@@ -53,3 +53,12 @@ class NotFoundError(SovrError, FileNotFoundError):
 
 class InvalidFileError(SovrError, ValueError):
   """A file exists but is not what it should be (another format, a checksum mismatch)."""
+
+
+class Interrupted(SovrError, KeyboardInterrupt):
+  """The process was stopped by SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption); the
+  message says what was kept and how to resume. ``exit_status``: 128 + the signal."""
+
+  def __init__(self, message: str, exit_status: int = 130):
+    super().__init__(message)
+    self.exit_status = exit_status

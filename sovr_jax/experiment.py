@@ -25,7 +25,7 @@ import numpy as np
 
 from sovr_jax import (checkpoint, config_lib, data, evaluate, jsonio, methods, metric_writers,
                       models, report, rundir, sharding, train)
-from sovr_jax.errors import ConfigError, TrainingDivergedError, WorkdirError
+from sovr_jax.errors import ConfigError, Interrupted, TrainingDivergedError, WorkdirError
 
 def _is_main() -> bool:
   return jax.process_index() == 0
@@ -165,6 +165,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   t_start = time.time()
   setup = _prepare(cfg)  # every check that needs no workdir comes first
   workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir {workdir} is a file, not a folder; pass a folder (it is "
+                       f"created if missing).")
   os.makedirs(workdir, exist_ok=True)
   with rundir.locked(workdir, enabled=_is_main()):
     changes = []
@@ -174,6 +177,23 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
                                        allow=allow_changes, log=_log)
     sharding.sync_processes("config-checked")
     return _train(cfg, workdir, setup, changes, t_start)
+
+
+def _refuse_orphans(workdir: str, ckpt: checkpoint.Checkpointer) -> None:
+  """A workdir without a latest checkpoint must not hold a best checkpoint or a report of an
+  earlier run: training from step 0 would report that run's best model as this one's, or
+  replace its report."""
+  best, report_path = ckpt.best_steps(), rundir.path(workdir, rundir.REPORT_FILE)
+  if not best and not os.path.exists(report_path):
+    return
+  held = " and ".join(filter(None, [
+      f"a best checkpoint (step {best[-1]}) in {rundir.BEST_DIR}/" if best else "",
+      f"{rundir.REPORT_FILE}" if os.path.exists(report_path) else ""]))
+  raise WorkdirError(
+      f"{workdir} has no checkpoint in {rundir.CHECKPOINTS_DIR}/ but holds {held} of an "
+      f"earlier run: its checkpoints were deleted or moved. Training it again from step 0 "
+      f"would mix the two runs. Use a new --workdir, or move {workdir} away (or delete its "
+      f"{rundir.BEST_DIR}/ and {rundir.REPORT_FILE}) to start over.")
 
 
 def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
@@ -194,6 +214,13 @@ def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
       raise WorkdirError(f"The run in {workdir} has trained {meta['epoch']} epochs, more than "
                          f"train.epochs={t.epochs}; pass at least --config.train.epochs="
                          f"{meta['epoch']}.")
+    if meta["best_epoch"] > 0 and not ckpt.best_steps():
+      _log(f"WARNING: the best checkpoint (epoch {meta['best_epoch']}) is not in "
+           f"{os.path.join(workdir, rundir.BEST_DIR)} (a crash while it was saved?); the "
+           f"best-by-validation choice starts again from epoch {meta['epoch'] + 1}.")
+      meta.update(best_val_pgd=-1.0, best_epoch=-1)
+  else:
+    _refuse_orphans(workdir, ckpt)
   if _is_main():
     rundir.truncate_metrics(workdir, int(state.step), log=_log)
   writer = metric_writers.MetricWriter(workdir)
@@ -289,6 +316,15 @@ def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
       if bar is not None:
         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.items()))
+  except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through cli.guarded
+    last = ckpt.latest_step()
+    kept = ("No checkpoint had been saved yet: the same command starts the run again." if last
+            is None else f"The newest checkpoint is step {last} in {workdir}/"
+            f"{rundir.CHECKPOINTS_DIR}; the same command resumes from it (the steps after it "
+            f"are trained again).")
+    raise Interrupted(f"{str(e) or 'interrupted (SIGINT).'} Training stopped in epoch "
+                      f"{int(meta['epoch']) + 1}. {kept}",
+                      getattr(e, "exit_status", 130)) from None
   finally:
     if bar is not None:
       bar.close()

@@ -145,3 +145,17 @@ def test_sigkilled_reference_run_resumes(trained_tiny_run, tmp_path):
   assert [e["attack"] for e in r["per_attack"]] == ["apgd-ce", "apgd-t"]
   assert r["per_attack"][0]["session"] == 1 and r["per_attack"][1]["session"] == 2
   assert not progress.exists()
+
+
+def test_a_second_evaluation_keeps_the_first_result(tmp_path, capsys):
+  """Two evaluations writing to one file (another checkpoint, another --n, two exports beside
+  each other): the finished first result is kept, renamed, never replaced."""
+  out = tmp_path / "aa.json"
+  common = ["--model", "tiny_mlp", "--engine", "jax", "--attacks", "apgd-ce", "--fast",
+            "--batch_size", "16", "--out", str(out)]
+  first = autoattack_eval.run(common + ["--n", "16"])["jax"]
+  second = autoattack_eval.run(common + ["--n", "24"])["jax"]
+  kept = sorted(tmp_path.glob("aa.earlier-*.json"))
+  assert len(kept) == 1 and "kept it as" in capsys.readouterr().out
+  assert schema.read(str(kept[0]))["points"] == first["points"]
+  assert schema.read(str(out))["n"] == second["n"] == 24

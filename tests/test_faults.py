@@ -359,6 +359,69 @@ def test_a_failed_start_leaves_no_trace_in_the_workdir(tmp_path, bad):
     assert rundir.read_config(workdir)["train"]["batch_size"] == 32
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_training_with_one_message_and_the_run_resumes(tmp_path, sig):
+  """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) after the first checkpoint: one
+  line naming the newest checkpoint, status 128 + the signal, the lock released; the same
+  command then resumes from that checkpoint and finishes."""
+  workdir = str(tmp_path / "w")
+  args = ["--workdir", workdir, "--config.train.epochs=40"]
+  proc = subprocess.Popen([sys.executable, "-m", "sovr_jax.main", "--config", "configs/tiny.py",
+                           *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and not os.path.exists(
+      os.path.join(workdir, rundir.CHECKPOINTS_DIR, "8")):
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before the signal"
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + sig, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  assert signal.Signals(sig).name in err and "the same command resumes from it" in err
+  last = checkpoint.Checkpointer(workdir).latest_step()
+  assert last is not None and last % 8 == 0 and f"step {last}" in err
+  if sig == signal.SIGTERM:  # the lock is free, and the run resumes where it was
+    epochs = last // 8 + 1
+    again = _cli(["--workdir", workdir, f"--config.train.epochs={epochs}"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Resumed from {workdir} at step {last}" in again.stdout + again.stderr
+    done = [r["epoch"] for r in rundir.read_metrics(workdir) if "epoch_time_s" in r]
+    assert done == list(range(1, epochs + 1))
+
+
+def test_a_workdir_whose_checkpoints_were_deleted_is_refused(copy):
+  """best/ and report.json of a run whose checkpoints/ is gone: training again from step 0
+  would report the old best model as the new run's; refused, and nothing is touched."""
+  shutil.rmtree(os.path.join(copy, rundir.CHECKPOINTS_DIR))
+  before = {f: os.path.getmtime(os.path.join(copy, f)) for f in _files(copy)}
+  with pytest.raises(WorkdirError, match="has no checkpoint in checkpoints/ but holds a best"):
+    experiment.train_and_evaluate(_cfg(), copy)
+  assert {f: os.path.getmtime(os.path.join(copy, f)) for f in _files(copy)} == before
+
+
+def test_the_best_checkpoint_is_saved_before_the_latest(finished, tmp_path):
+  """A crash (here: a full disk) between the two saves of a best epoch leaves the best
+  saved; the resume trains that epoch again from the previous latest."""
+  state = finished[1]
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+  ckpt._latest.save = full_disk  # pylint: disable=protected-access
+  with pytest.raises(OSError):
+    ckpt.save(state, {"epoch": 2, "best_val_pgd": 0.5, "best_epoch": 2}, best=True)
+  assert ckpt.best_steps() == [int(state.step)] and ckpt.latest_step() is None
+
+
+def test_a_resume_without_its_best_checkpoint_says_so_and_chooses_again(copy, capsys):
+  shutil.rmtree(os.path.join(copy, rundir.BEST_DIR))
+  rep = experiment.train_and_evaluate(_cfg(train__epochs=3), copy)
+  out = capsys.readouterr().out
+  assert "the best checkpoint (epoch" in out and "starts again from epoch 3" in out
+  assert rep["test"]["best"]["epoch"] == 3 and checkpoint.Checkpointer(copy).best_steps() == [24]
+
+
 # --------------------------------------------------------------------------------------------
 # Command-line errors.
 # --------------------------------------------------------------------------------------------
@@ -380,6 +443,40 @@ def test_cli_errors_are_one_message_and_exit_2(tmp_path, args, words):
   for w in words:
     assert w in proc.stderr, (w, proc.stderr)
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_workdir_that_is_a_file_or_a_broken_config_file_is_one_message(tmp_path):
+  a_file = tmp_path / "w"
+  a_file.write_text("not a folder")
+  proc = _cli(["--workdir", str(a_file)])
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "is a file, not a folder" in proc.stderr
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(:\n")
+  proc = subprocess.run([sys.executable, "-m", "sovr_jax.main", "--config", str(broken),
+                         "--workdir", str(tmp_path / "x")], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "--config" in proc.stderr and "invalid syntax" in proc.stderr.lower()
+
+
+def test_a_read_only_workdir_is_one_message(tmp_path):
+  if os.geteuid() == 0:  # root writes anywhere: a read-only bind needs a mount; chmod cannot
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)],
+                      capture_output=True).returncode != 0:
+      pytest.skip("cannot make a read-only folder here (root, no mount)")
+    try:
+      proc = _cli(["--workdir", str(ro / "w")])
+    finally:
+      subprocess.run(["umount", str(ro)], check=False)
+  else:
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    proc = _cli(["--workdir", str(ro / "w")])
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "cannot write" in proc.stderr and str(ro) in proc.stderr
 
 
 def test_missing_config_file_is_one_message(tmp_path):

@@ -124,6 +124,31 @@ def write(path: str, result: dict[str, Any]) -> None:
   jsonio.write_json_atomic(path, result)
 
 
+def keep_earlier(path: str) -> str | None:
+  """Moves an earlier finished result at ``path`` aside, so that a new evaluation writing there
+  never replaces it: to ``<name>.earlier-<its time>.json`` beside it. A result that is not
+  finished (``complete: false``: a cut JAX run, which the new run redoes) is left to be
+  replaced. Returns the new path, or None if nothing was moved."""
+  import json  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    old = None
+  if isinstance(old, dict) and old.get("complete") is False:
+    return None
+  stamp = str(old.get("created", "")) if isinstance(old, dict) else ""
+  stamp = "".join(c for c in stamp if c.isalnum())[:15] or str(int(os.path.getmtime(path)))
+  stem, ext = os.path.splitext(path)
+  dst, i = f"{stem}.earlier-{stamp}{ext}", 1
+  while os.path.exists(dst):
+    dst, i = f"{stem}.earlier-{stamp}-{i}{ext}", i + 1
+  os.replace(path, dst)
+  return dst
+
+
 def read(path: str) -> dict[str, Any]:
   """A result file; a file of another format is a clear error."""
   import json  # pylint: disable=import-outside-toplevel
