@@ -163,6 +163,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
     WorkdirError, WorkdirLockedError, CheckpointError) and TrainingDivergedError.
   """
   t_start = time.time()
+  fields = config_lib.leaves(config_lib.default_schema())
+  for f in allow_changes:  # a field or a section ("eval." or "eval")
+    if f.rstrip(".") not in fields and not any(k.startswith(f.rstrip(".") + ".") for k in fields):
+      raise ConfigError(f"--allow_change: {config_lib.unknown_field_message(f.rstrip('.'))}")
   setup = _prepare(cfg)  # every check that needs no workdir comes first
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):

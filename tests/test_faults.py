@@ -313,6 +313,12 @@ def test_resume_with_changed_training_settings_is_refused(copy):
   assert open(os.path.join(copy, "config.json"), "rb").read() == config_bytes
 
 
+def test_a_misspelt_allow_change_is_refused_before_anything_runs(tmp_path):
+  with pytest.raises(ConfigError, match="Did you mean 'train.lr'"):
+    experiment.train_and_evaluate(_cfg(), str(tmp_path / "w"), allow_changes=("train.lrr",))
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_resume_with_more_epochs_is_recorded(copy):
   config_bytes = open(os.path.join(copy, "config.json"), "rb").read()
   report = experiment.train_and_evaluate(_cfg(train__epochs=3), copy)
