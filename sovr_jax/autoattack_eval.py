@@ -25,6 +25,7 @@ same points, UPPER BOUNDS on robust accuracy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import shlex
@@ -169,17 +170,28 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   version = (args.version if args.version != "standard"
              else settings_lib.version(attacks, settings))
   outs = _out_paths(args, engines)
+  with contextlib.ExitStack() as locks:
+    for key in engines + (("compare",) if args.engine == "both" else ()):
+      folder, name = os.path.split(outs[key])
+      os.makedirs(folder, exist_ok=True)
+      # One evaluation per result file: a second one would take the first's resume state
+      # for an interrupted run's.
+      locks.enter_context(rundir.WorkdirLock(folder, f".{name}.lock",
+                                             f"AutoAttack evaluation writing {name}"))
+    return _evaluate(args, engines, target, attacks, settings, version, outs)
+
+
+def _evaluate(args, engines, target, attacks, settings, version, outs) -> dict[str, Any]:
+  from sovr_jax.evaluation import schema  # pylint: disable=import-outside-toplevel
+  for key in engines + (("compare",) if args.engine == "both" else ()):
+    kept = schema.keep_earlier(outs[key])  # a new evaluation never replaces a finished one
+    if kept:
+      _log(f"An earlier result was at {outs[key]}; kept it as {kept}.")
   upper = None
   if args.jax_pgd and target.upper_bounds is not None:
     _log("JAX PGD-20 / CW-20 on the same points (upper bounds) ...")
     upper = target.upper_bounds(target.x, target.y, eps=target.eps, seed=args.seed,
                                 batch_size=args.batch_size)
-  from sovr_jax.evaluation import schema  # pylint: disable=import-outside-toplevel
-  for key in engines + (("compare",) if args.engine == "both" else ()):
-    os.makedirs(os.path.dirname(outs[key]), exist_ok=True)
-    kept = schema.keep_earlier(outs[key])  # a new evaluation never replaces a finished one
-    if kept:
-      _log(f"An earlier result was at {outs[key]}; kept it as {kept}.")
   results: dict[str, Any] = {}
   for engine in engines:
     _log(f"{engine}: AutoAttack ({version}: {', '.join(attacks)}) on {target.n} points of "

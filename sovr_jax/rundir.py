@@ -170,16 +170,17 @@ def provenance(*extra_versions: str) -> dict[str, Any]:
 
 
 class WorkdirLock:
-  """An exclusive ``flock`` on W/.lock for the life of a training process.
+  """An exclusive ``flock`` on W/.lock for the life of a training process (or on W/``name``
+  for another kind of process, ``what``: an AutoAttack evaluation locks its result file).
 
   The kernel drops the lock when the process dies (SIGKILL included), so a crashed run never
   leaves a stale lock. The file holds the holder's pid, host, start time and command, which a
   refused second run prints.
   """
 
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    self.path = os.path.join(workdir, LOCK_FILE)
+  def __init__(self, workdir: str, name: str = LOCK_FILE, what: str = "training run"):
+    self.workdir, self.what = workdir, what
+    self.path = os.path.join(workdir, name)
     self._fd: int | None = None
 
   def holder(self) -> str:
@@ -199,8 +200,9 @@ class WorkdirLock:
       if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         raise
       raise WorkdirLockedError(
-          f"Workdir {self.workdir} is in use by another training run ({self.holder()}). Wait "
-          f"for it to finish or stop it, or use another --workdir.") from None
+          f"Workdir {self.workdir} is in use by another {self.what} ({self.holder()}). Wait "
+          f"for it to finish or stop it, or use another "
+          f"{'--workdir' if self.what == 'training run' else '--out'}.") from None
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "started": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from sovr_jax import autoattack_eval, export
-from sovr_jax.errors import ConfigError, InvalidFileError
+from sovr_jax.errors import ConfigError, InvalidFileError, WorkdirLockedError
 from sovr_jax.evaluation import reference, schema
 from tests import references
 
@@ -159,3 +159,24 @@ def test_a_second_evaluation_keeps_the_first_result(tmp_path, capsys):
   assert len(kept) == 1 and "kept it as" in capsys.readouterr().out
   assert schema.read(str(kept[0]))["points"] == first["points"]
   assert schema.read(str(out))["n"] == second["n"] == 24
+
+
+def test_a_second_evaluation_of_the_same_file_at_once_is_refused(tmp_path):
+  """Two evaluations writing one result at the same time: the second is refused with the
+  first's pid (before, a reference run took the first's resume state for an interrupted
+  run's and offered --fresh, which would delete it)."""
+  out = tmp_path / "aa.json"
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time; sys.path.insert(0, %r)\n"
+      "from sovr_jax import rundir\n"
+      "rundir.WorkdirLock(%r, '.aa.json.lock', 'x').acquire(); print('locked', flush=True)\n"
+      "time.sleep(600)") % (REPO, str(tmp_path))], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(WorkdirLockedError, match=f"pid {holder.pid}.*another --out"):
+      autoattack_eval.run(["--model", "tiny_mlp", "--engine", "jax", "--attacks", "apgd-ce",
+                           "--fast", "--n", "16", "--batch_size", "16", "--out", str(out)])
+    assert not out.exists()
+  finally:
+    holder.kill()
+    holder.wait()
