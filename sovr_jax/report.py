@@ -31,6 +31,14 @@ def eval_batch_size(cfg: ml_collections.ConfigDict, ds: data.Dataset,
   return sharding.round_to_devices(bs, mesh)
 
 
+def margin_sample(num_train: int, n: int, seed: int) -> np.ndarray:
+  """Indices of the ``n`` training examples whose margins the report measures: a random
+  sample, in random order (so consecutive batches mix the classes as training batches do).
+  The training split is ordered by class (image folders, the embedded sets): its first n
+  examples were all airplanes on CIFAR-10 until 2026-12-03."""
+  return np.random.default_rng([seed, 0x6D617267]).permutation(num_train)[:n]
+
+
 def margin_groups(margins: np.ndarray, batch_size: int, fraction: float) -> np.ndarray:
   """SOVR's selection replayed on evaluation margins: in consecutive batches of
   ``batch_size``, the ceil(fraction * n) smallest margins are "small-margin"."""
@@ -111,18 +119,23 @@ def final_report(cfg: ml_collections.ConfigDict, workdir: str, ds: data.Dataset,
   results = _test_results(test, state, ckpt, meta, ds, seed)
   # Margin histogram on training examples under the training attack.
   n = min(cfg.eval.margin_examples, ds.num_train)
+  idx = margin_sample(ds.num_train, n, cfg.seed)
   margin_eval = evaluate.Evaluator(
       model, mesh=mesh, eps=cfg.attack.eps, step_size=cfg.attack.step_size,
       norm=cfg.attack.norm, pgd_steps=cfg.attack.num_steps, cw_steps=0,
       batch_size=sharding.round_to_devices(min(eval_bs, cfg.train.batch_size), mesh),
       desc="margins")
   margins = margin_eval({"params": state.params, "batch_stats": state.batch_stats},
-                        ds.train_images[:n], ds.train_labels[:n], seed=seed)["pgd_margins"]
+                        ds.train_images[idx], ds.train_labels[idx], seed=seed)["pgd_margins"]
   small = margin_groups(margins, cfg.train.batch_size, cfg.sovr.ovr_fraction)
   if jax.process_index() == 0:
     jsonio.write_json_atomic(os.path.join(workdir, rundir.MARGINS_JSON),
                              {"margins": np.round(margins, 4).tolist(),
                               "small_margin": small.tolist(), "n": n,
+                              "examples": "a random sample of the training split "
+                                          "(report.margin_sample)",
+                              "classes": np.bincount(ds.train_labels[idx],
+                                                     minlength=ds.num_classes).tolist(),
                               "attack": f"PGD-{cfg.attack.num_steps}"})
     plot_margins(os.path.join(workdir, rundir.MARGINS_PNG), margins, small,
                  f"{cfg.method}, {ds.name}, {n} training examples, PGD-"
@@ -136,7 +149,7 @@ def final_report(cfg: ml_collections.ConfigDict, workdir: str, ds: data.Dataset,
       "eps": cfg.attack.eps,
       "test": results,
       "note": evaluate.UPPER_BOUND_NOTE,
-      "margins": {"n": n, "mean": float(margins.mean()),
+      "margins": {"n": n, "sample": "random", "mean": float(margins.mean()),
                   "mean_small_margin": float(margins[small].mean()),
                   "mean_other": float(margins[~small].mean()) if (~small).any() else None,
                   "histogram": margin_histogram(margins, small)},

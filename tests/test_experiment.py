@@ -72,6 +72,10 @@ def test_run_writes_report_metrics_checkpoints_and_plot(tiny_run):
   hist = on_disk["margins"]["histogram"]
   assert sum(hist["small_margin"]) + sum(hist["other"]) <= 64
   assert on_disk["margins"]["mean_small_margin"] <= on_disk["margins"]["mean_other"]
+  # The margins are measured on a sample of every class (the split is ordered by class).
+  with open(os.path.join(workdir, "margins.json")) as f:
+    classes = json.load(f)["classes"]
+  assert sum(classes) == on_disk["margins"]["n"] and np.count_nonzero(classes) >= 5, classes
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   steps = [l for l in lines if "loss" in l]
   epochs = [l for l in lines if "epoch_time_s" in l]
