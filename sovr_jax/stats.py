@@ -209,6 +209,26 @@ def paired_bootstrap(a: Sequence[Sequence[bool]] | Sequence[bool],
           "seeds": int(a.shape[0]), "n": int(n)}
 
 
+def seed_interval(diffs: Sequence[float], level: float = 0.95) -> dict[str, Any] | None:
+  """The seed-level view of a difference measured once per seed: mean, std (ddof 1) and the
+  Student-t interval on seeds - 1 degrees of freedom, which includes the seed-to-seed
+  variation of training that resampling test points (``paired_bootstrap``) leaves out. None
+  below two seeds."""
+  d = np.asarray(diffs, np.float64)
+  if d.size < 2:
+    return None
+  from scipy import stats as sps  # pylint: disable=import-outside-toplevel
+  mean, std = float(d.mean()), float(d.std(ddof=1))
+  half = float(sps.t.ppf(0.5 + level / 2, d.size - 1)) * std / math.sqrt(d.size)
+  return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "level": level,
+          "seeds": int(d.size)}
+
+
+def format_p(p: float) -> str:
+  """A p-value for a table: 3 significant digits, and "< 1e-300" where it underflowed to 0."""
+  return "< 1e-300" if p == 0 else f"{p:.3g}"
+
+
 def accuracy_se(accuracy: float, n: int) -> float:
   """Standard error of an accuracy measured on n independent points: sqrt(p (1 - p) / n)."""
   return math.sqrt(accuracy * (1.0 - accuracy) / n)

@@ -237,9 +237,13 @@ def paired(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
       continue
     fa = np.stack([flags_after(chosen[s][0], attacks) for s in seeds])
     fb = np.stack([flags_after(chosen[s][1], attacks) for s in seeds])
-    out.append({**stats.paired_bootstrap(fa, fb, n_boot=n_boot), "seeds": seeds,
-                "test": stats.paired_sign_test(fa, fb), "attacks": list(attacks),
-                "complete": all(chosen[s][3] for s in seeds)})
+    row = {**stats.paired_bootstrap(fa, fb, n_boot=n_boot), "seeds": seeds,
+           "test": stats.paired_sign_test(fa, fb), "attacks": list(attacks),
+           "complete": all(chosen[s][3] for s in seeds)}
+    if len(seeds) > 1:  # training's own spread: the per-seed differences, a t interval
+      row["seed_diffs"] = [float(d) for d in (fb.mean(1) - fa.mean(1))]
+      row["over_seeds"] = stats.seed_interval(row["seed_diffs"])
+    out.append(row)
   return out
 
 
@@ -248,18 +252,25 @@ def _measure(r: dict[str, Any]) -> str:
           f"{_attacks_text(r['attacks'])} only (upper bounds of AutoAttack)")
 
 
-def paired_table(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr") -> str:
-  rows = [f"| {label(b)} - {label(a)} | seeds | n per seed | difference (points) | 95 % interval "
-          f"(paired bootstrap) | robust under {label(b)} only / {label(a)} only | p (McNemar; "
-          f"pooled: exact, per test point) | attacks |",
-          "|---|---|---|---|---|---|---|---|"]
-  for r in paired(study, a, b):
-    m = r["test"]
-    rows.append(f"| {'pooled' if len(r['seeds']) > 1 else 'seed'} | "
-                f"{','.join(map(str, r['seeds']))} | {r['n']} | {100 * r['diff']:+.2f} | "
-                f"[{100 * r['low']:+.2f}, {100 * r['high']:+.2f}] | {m['b_only']} / "
-                f"{m['a_only']} | {m['p_value']:.3g} | {_measure(r)} |")
-  return "\n".join(rows) if len(rows) > 2 else ""
+def paired_table(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
+                 rows: list[dict[str, Any]] | None = None) -> str:
+  """Markdown: the rows of ``paired`` (computed here unless given)."""
+  pairs = paired(study, a, b) if rows is None else rows
+  lines = [f"| {label(b)} - {label(a)} | seeds | n per seed | difference (points) | 95 % interval "
+          f"(paired bootstrap over test points, for these trained models) | robust under "
+          f"{label(b)} only / {label(a)} only (pooled: summed over seeds) | p (McNemar; "
+          f"pooled: exact, per test point) | 95 % t interval over seeds (training's spread "
+          f"too) | attacks |",
+          "|---|---|---|---|---|---|---|---|---|"]
+  for r in pairs:
+    m, s = r["test"], r.get("over_seeds")
+    over = (f"{100 * s['mean']:+.2f} +- {100 * s['std']:.2f}: [{100 * s['low']:+.2f}, "
+            f"{100 * s['high']:+.2f}]" if s else "")
+    lines.append(f"| {'pooled' if len(r['seeds']) > 1 else 'seed'} | "
+                 f"{','.join(map(str, r['seeds']))} | {r['n']} | {100 * r['diff']:+.2f} | "
+                 f"[{100 * r['low']:+.2f}, {100 * r['high']:+.2f}] | {m['b_only']} / "
+                 f"{m['a_only']} | {stats.format_p(m['p_value'])} | {over} | {_measure(r)} |")
+  return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def margin_table(study: dict[str, Any]) -> str:
@@ -402,10 +413,13 @@ def gate(study: dict[str, Any], run: str = "pgd_at") -> tuple[bool | None, str]:
   """(met, sentence): does every seed of ``run`` reach ``GATE``? A seed with a complete
   AutoAttack is checked on it. A seed without one is checked on the upper bound that the
   attacks it finished give: below the gate, the gate is not met (the complete AutoAttack can
-  only be lower); above it, only provisionally (None). None while no seed has either."""
-  rows = []
+  only be lower); above it, only provisionally (None). A seed that did not train, or has no
+  AutoAttack result, leaves the gate unchecked (None) unless another seed fails it. None while
+  no seed has either."""
+  rows, unchecked = [], []
   for s, c in sorted(by_run(study).get(run, {}).items()):
     if not (c.get("test") or {}).get("best"):
+      unchecked.append(f"seed {s} did not train")
       continue
     clean, f, bound = c["test"]["best"]["clean_acc"], figure(c), _bound(c)
     if f:
@@ -413,6 +427,8 @@ def gate(study: dict[str, Any], run: str = "pgd_at") -> tuple[bool | None, str]:
     elif bound:
       acc, attacks, n = bound
       rows.append((s, clean, acc, n, attacks))
+    else:
+      unchecked.append(f"seed {s} has no AutoAttack result")
   head = (f"Sanity gate ({label(run)} >= {100 * GATE['clean']:.0f} % clean and >= "
           f"{100 * GATE['autoattack']:.0f} % under AutoAttack, docs/results.md)")
   if not rows:
@@ -424,6 +440,9 @@ def gate(study: dict[str, Any], run: str = "pgd_at") -> tuple[bool | None, str]:
       + (f"{_pct(aa)} % AutoAttack (n={n})" if sub is None else
          f"<= {_pct(aa)} % AutoAttack ({_attacks_text(sub)} only, n={n})")
       for s, clean, aa, n, sub in rows)
+  if all(passes) and unchecked:
+    return None, (f"{head}: met on the seeds checked ({said}), but {'; '.join(unchecked)}: "
+                  f"not checked there yet.")
   if all(passes) and all(r[4] is None for r in rows):
     return True, f"{head}: met ({said})."
   if all(passes):
@@ -435,21 +454,42 @@ def gate(study: dict[str, Any], run: str = "pgd_at") -> tuple[bool | None, str]:
                  f"comparing methods.")
 
 
-def verdict(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr") -> str:
-  """The paired difference over the most seeds, said plainly: shown, or not at this budget;
-  provisional where it rests on some of AutoAttack's attacks only."""
-  rows = paired(study, a, b)
+def verdict(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
+            rows: list[dict[str, Any]] | None = None) -> str:
+  """The paired difference over the most seeds, said plainly: shown, or not at this budget
+  (the pooled interval contains 0, or a seed's own interval excludes 0 the other way); where
+  the t interval over seeds contains 0, shown for these models only; provisional where it
+  rests on some of AutoAttack's attacks only."""
+  rows = paired(study, a, b) if rows is None else rows
   if not rows:
     return ""
   r = max(rows, key=lambda r: len(r["seeds"]))
   what = (f"{label(b)} - {label(a)} under {_measure(r)}, seeds "
           f"{','.join(map(str, r['seeds']))}, {r['n']} test points: {100 * r['diff']:+.2f} "
-          f"points, 95 % interval [{100 * r['low']:+.2f}, {100 * r['high']:+.2f}], "
-          f"p = {r['test']['p_value']:.3g}")
+          f"points, 95 % interval [{100 * r['low']:+.2f}, {100 * r['high']:+.2f}] (test "
+          f"points resampled, for these trained models), p = "
+          f"{stats.format_p(r['test']['p_value'])}")
+  sign = 1 if r["diff"] > 0 else -1
+  against = [x["seeds"][0] for x in rows if len(x["seeds"]) == 1 and x["seeds"][0] in r["seeds"]
+             and (x["high"] < 0 if sign > 0 else x["low"] > 0)]
+  over = r.get("over_seeds")
   if r["low"] <= 0.0 <= r["high"]:
     said = f"{what}: the interval contains 0, a difference is not shown at this budget."
+  elif against:
+    said = (f"{what}: the seeds disagree (seed {', '.join(map(str, against))}: the other way, "
+            f"its own interval excludes 0), so a difference is not shown at this budget.")
   else:
-    said = f"{what}: {label(b)} {'above' if r['diff'] > 0 else 'below'} {label(a)}."
+    said = (f"{what}: {label(b)} {'above' if r['diff'] > 0 else 'below'} {label(a)} on these "
+            f"models.")
+    if over and over["low"] <= 0.0 <= over["high"]:
+      said += (f" Over the {over['seeds']} seeds (each seed's difference, a t interval that "
+               f"includes training's spread) it is {100 * over['mean']:+.2f} +- "
+               f"{100 * over['std']:.2f}, 95 % [{100 * over['low']:+.2f}, "
+               f"{100 * over['high']:+.2f}]: for the method beyond these models, not shown "
+               f"at this budget.")
+    elif over:
+      said += (f" Over the {over['seeds']} seeds (t interval, training's spread included): "
+               f"95 % [{100 * over['low']:+.2f}, {100 * over['high']:+.2f}].")
   if not r["complete"]:
     said += (" Provisional: the complete AutoAttack (the remaining attacks) can change "
              "either side.")
@@ -459,11 +499,12 @@ def verdict(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr") -> str:
 def tables(study: dict[str, Any]) -> str:
   parts = ["Per cell (best-by-validation checkpoint):", cell_table(study),
            "Per run, over seeds:", run_table(study), gate(study)[1]]
-  pair = paired_table(study)
+  rows = paired(study)
+  pair = paired_table(study, rows=rows)
   if pair:
     parts += ["Paired on the same test points (per-point flags; the attacks column says "
               "whether the complete AutoAttack or only some of its attacks):", pair,
-              verdict(study)]
+              verdict(study, rows=rows)]
   parts += ["Adversarial logit margins of training examples (final models):",
             margin_table(study)]
   reading = claim2(study)

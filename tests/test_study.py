@@ -247,6 +247,69 @@ def test_sanity_gate_and_the_plain_verdict():
   assert study_report.figure(s["cells"]["sovr_s0"])["engine"] == "jax"
 
 
+def test_the_gate_is_unchecked_while_a_seed_has_no_autoattack_or_did_not_train():
+  s = _fake_study()
+  s["cells"]["pgd_at_s1"]["autoattack"] = []
+  del s["cells"]["pgd_at_s2"]["test"]
+  met, said = study_report.gate(s)
+  assert met is None and "met on the seeds checked (seed 0:" in said
+  assert "seed 1 has no AutoAttack result" in said and "seed 2 did not train" in said
+  s["cells"]["pgd_at_s0"]["test"]["best"]["clean_acc"] = 0.5  # a failing seed decides
+  assert study_report.gate(s)[0] is False
+
+
+def _shifted_study(points_per_seed, n=10000):
+  """PGD-AT ~45 % robust; SOVR the same flags moved by the given numbers of points (positive:
+  PGD-AT's broken points SOVR holds; negative: the reverse), one seed each."""
+  rng = np.random.default_rng(7)
+  cells = {}
+  for seed, k in enumerate(points_per_seed):
+    base = rng.random(n) < 0.45
+    moved = base.copy()
+    pool = np.flatnonzero(~base if k > 0 else base)
+    moved[rng.choice(pool, abs(k), replace=False)] = k > 0
+    for run, flags in (("pgd_at", base), ("sovr", moved)):
+      cells[f"{run}_s{seed}"] = {
+          "run": run, "method": run, "seed": seed, "test": {"best": {
+              "epoch": 30, "clean_acc": 0.8, "pgd_acc": 0.5, "cw_acc": 0.48}},
+          "autoattack": [{"role": "main", **_fake_result(flags)}]}
+  return {"study": "s", "scale": "full", "cells": cells}
+
+
+def test_the_verdict_weighs_the_seeds_not_only_the_pooled_test_points():
+  """The pooled bootstrap resamples test points of these trained models; it leaves out how
+  much training itself varies. Seeds that disagree (one significantly the other way) show no
+  difference; seeds that agree but spread widely show one for these models only."""
+  disagree = _shifted_study([177, -113, 107])
+  rows = study_report.paired(disagree, n_boot=500)
+  pooled = rows[-1]
+  assert pooled["low"] > 0 and rows[1]["high"] < 0  # the pooled interval alone would claim it
+  said = study_report.verdict(disagree, rows=rows)
+  assert "the seeds disagree (seed 1: the other way" in said and "not shown" in said
+  spread = _shifted_study([200, 30, 50])
+  rows = study_report.paired(spread, n_boot=500)
+  over = rows[-1]["over_seeds"]
+  assert over["seeds"] == 3 and over["low"] < 0 < over["high"]
+  assert over["mean"] == pytest.approx(np.mean([0.02, 0.003, 0.005]))
+  said = study_report.verdict(spread, rows=rows)
+  assert "SOVR above PGD-AT on these models" in said
+  assert "for the method beyond these models, not shown at this budget" in said
+  table = study_report.paired_table(spread, rows=rows)
+  assert "t interval over seeds" in table and "summed over seeds" in table
+
+
+def test_seed_interval_and_p_formatting():
+  from scipy import stats as sps  # pylint: disable=import-outside-toplevel
+  d = [0.0177, -0.0113, 0.0107]
+  got = stats.seed_interval(d)
+  lo, hi = sps.t.interval(0.95, 2, loc=np.mean(d), scale=sps.sem(d))
+  assert got["low"] == pytest.approx(lo) and got["high"] == pytest.approx(hi)
+  assert got["std"] == pytest.approx(np.std(d, ddof=1)) and stats.seed_interval([0.01]) is None
+  assert stats.format_p(0.0) == "< 1e-300" and stats.format_p(0.012345) == "0.0123"
+  flags = np.r_[np.ones(3000, bool), np.zeros(7000, bool)]
+  assert stats.format_p(stats.mcnemar(flags, np.zeros(10000, bool))["p_value"]) == "< 1e-300"
+
+
 def test_a_cut_autoattack_is_compared_on_the_attacks_both_finished():
   """When a session's time cuts the AutoAttack, the paired difference compares the attacks
   both cells finished, on the same points, labelled an upper bound and provisional; the
