@@ -473,7 +473,8 @@ def _attacks_text(result: Mapping[str, Any]) -> str:
 def model_info(*, architecture: str, dataset: str, norm: str, eps: float,
                autoattack: Mapping[str, Any] | None = None, num_test: int | None = None,
                test_subset: int = 0, notes: Sequence[str] = (),
-               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               extra: Mapping[str, Any] | None = None,
+               data_source: str | None = None) -> dict[str, Any]:
   """robustbench.json: the zoo's model-info fields, and ``extra`` under "sovr_jax".
 
   Format: ``ModelInfo`` in ``robustbench/utils.py`` and the example in the docstring of
@@ -492,6 +493,8 @@ def model_info(*, architecture: str, dataset: str, norm: str, eps: float,
     test_subset: the run's ``data.num_test`` (0 = the whole test set).
     notes: warnings to record (AutoAttack files skipped, ...).
     extra: more entries for the "sovr_jax" section.
+    data_source: the run's ``data.source``; "image_folder" is said in the footnote (a JPEG
+      copy's pixels, and so its accuracies, differ from the original data set's).
   """
   arch = check_supported(architecture)
   tm = threat_model(norm)
@@ -520,6 +523,10 @@ def model_info(*, architecture: str, dataset: str, norm: str, eps: float,
     footnote = (f"AutoAttack ({_attacks_text(r)}) was run by sovr_jax "
                 f"({AUTOATTACK_ENGINES.get(autoattack['engine'], autoattack['engine'])}) on "
                 f"{points}.")
+    if data_source == "image_folder":
+      footnote += (f" The {dataset} images were read from an image folder (e.g. a JPEG copy), "
+                   f"whose pixels, and so the accuracies, can differ from the original "
+                   f"{dataset}'s.")
     section["autoattack"] = {
         "engine": autoattack["engine"], "path": autoattack["path"], "n": n, "eps": eps,
         "norm": r["norm"], "version": r.get("version", "standard"), "attacks": r.get("attacks"),
@@ -645,7 +652,7 @@ def write_export(out_dir: str, *, architecture: str, state_dict: Mapping[str, to
   }
   info = model_info(architecture=architecture, dataset=dataset, norm=norm, eps=eps,
                     autoattack=aa, num_test=num_test, test_subset=test_subset, notes=notes,
-                    extra=extra)
+                    extra=extra, data_source=(source or {}).get("data_source"))
   path = os.path.join(out_dir, INFO_FILE)
   jsonio.write_json_atomic(path, info)
   return {"weights": weights, "info": path, "robustbench_class": spec,

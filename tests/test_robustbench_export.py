@@ -262,6 +262,9 @@ def test_model_info_from_the_autoattack_results(tmp_path):
   assert d["architecture"] == "WideResNet-34-10" and d["number_forward_passes"] == 1
   assert d["additional_data"] is False and d["link"] is None
   assert "run by sovr_jax" in d["footnote"] and "n=1000" in d["footnote"]
+  assert "image folder" not in d["footnote"]
+  assert "read from an image folder (e.g. a JPEG copy)" in info(data_source="image_folder")[
+      "footnote"]
   s = d["sovr_jax"]
   assert s["threat_model"] == "Linf" and s["weights_sha256"] == "abc"
   assert s["autoattack"]["engine"] == "reference" and s["autoattack"]["n"] == 1000
