@@ -95,3 +95,19 @@ def test_deterministic_per_key_and_jittable():
   # Legacy uint32 keys work too.
   d = augment.random_crop_flip(jax.random.PRNGKey(3), x)
   assert d.shape == x.shape
+
+
+def test_offsets_cover_0_to_2_pad_and_flips_are_fair():
+  """torchvision's RandomCrop(32, padding=4) draws each offset uniformly from 0..8 inclusive
+  and RandomHorizontalFlip flips with probability 0.5: over 1,024 copies of one image every
+  offset appears, about 1/9 each, and about half are flipped."""
+  pad, n = 4, 1024
+  img = np.asarray(_images()[0])
+  x = jnp.asarray(np.broadcast_to(img, (n,) + img.shape))
+  y = np.asarray(augment.random_crop_flip(jax.random.key(5), x, pad=pad))
+  found = [_match(y[i], img, pad) for i in range(n)]
+  assert all(f is not None for f in found)
+  for axis in (0, 1):
+    counts = np.bincount([f[axis] for f in found], minlength=2 * pad + 1)
+    assert len(counts) == 2 * pad + 1 and counts.min() > 60, counts  # ~114 each
+  assert abs(np.mean([f[2] for f in found]) - 0.5) < 0.05
