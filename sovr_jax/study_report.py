@@ -226,7 +226,7 @@ def paired(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
   groups = [[seed] for seed in chosen]
   if len(chosen) > 1:
     ns = [chosen[s][0]["n"] for s in chosen]
-    n = max(set(ns), key=ns.count)
+    n = max(set(ns), key=lambda v: (ns.count(v), v))  # the most seeds; a tie: the most points
     pool = [s for s in chosen if chosen[s][0]["n"] == n]
     if len(pool) > 1:
       groups.append(pool)
