@@ -55,9 +55,11 @@ class InvalidFileError(SovrError, ValueError):
   """A file exists but is not what it should be (another format, a checksum mismatch)."""
 
 
-class Interrupted(SovrError, KeyboardInterrupt):
+class Interrupted(KeyboardInterrupt):
   """The process was stopped by SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption); the
-  message says what was kept and how to resume. ``exit_status``: 128 + the signal."""
+  message says what was kept and how to resume. ``exit_status``: 128 + the signal. Like
+  KeyboardInterrupt, and unlike a SovrError, no ``except Exception`` catches it (a signal in
+  the middle of reading a checkpoint must not make it look corrupt)."""
 
   def __init__(self, message: str, exit_status: int = 130):
     super().__init__(message)
