@@ -170,20 +170,23 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   version = (args.version if args.version != "standard"
              else settings_lib.version(attacks, settings))
   outs = _out_paths(args, engines)
+  written = engines + (("compare",) if args.engine == "both" else ())  # this run's files
   with contextlib.ExitStack() as locks:
-    for key in engines + (("compare",) if args.engine == "both" else ()):
+    for key in written:
       folder, name = os.path.split(outs[key])
       os.makedirs(folder, exist_ok=True)
       # One evaluation per result file: a second one would take the first's resume state
       # for an interrupted run's.
       locks.enter_context(rundir.WorkdirLock(folder, f".{name}.lock",
                                              f"AutoAttack evaluation writing {name}"))
-    return _evaluate(args, engines, target, attacks, settings, version, outs)
+    return _evaluate(args, engines, target, attacks, settings, version,
+                     {k: outs[k] for k in written})
 
 
 def _evaluate(args, engines, target, attacks, settings, version, outs) -> dict[str, Any]:
+  """The evaluation itself, its output files locked; ``outs``: the files it writes."""
   from sovr_jax.evaluation import schema  # pylint: disable=import-outside-toplevel
-  for key in engines + (("compare",) if args.engine == "both" else ()):
+  for key in outs:
     kept = schema.keep_earlier(outs[key])  # a new evaluation never replaces a finished one
     if kept:
       _log(f"An earlier result was at {outs[key]}; kept it as {kept}.")
