@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from sovr_jax import rundir, sharding
 from sovr_jax.errors import CheckpointError, TrainingDivergedError
@@ -111,8 +112,27 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {jax.tree_util.keystr(p): tuple(np.shape(leaf)) for p, leaf in flat}
 
 
+def _check_index(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Reads the OCDBT index of the checkpoint's arrays (its ``manifest.ocdbt`` and the B-tree
+  under ``d/``) in one call; raises ValueError if it is missing, torn or empty.
+
+  Orbax reads every array concurrently and, when the index itself is bad, stops at the first
+  error while tensorstore's other reads still complete: each then prints an "Event loop is
+  closed" traceback (about 30 for a small model). Reading the index once first turns that
+  case into the one warning of ``Checkpointer.restore``."""
+  state_dir = os.path.join(str(mngr.directory), str(step), "state")
+  names = os.listdir(state_dir) if os.path.isdir(state_dir) else []
+  if "manifest.ocdbt" not in names and not any(n.startswith("ocdbt.process_") for n in names):
+    return  # not an OCDBT checkpoint: Orbax reads it file by file
+  keys = ts.KvStore.open({"driver": "ocdbt",
+                          "base": f"file://{os.path.abspath(state_dir)}/"}).result().list().result()
+  if not keys:
+    raise ValueError(f"the index of the arrays ({state_dir}/manifest.ocdbt) is missing or empty")
+
+
 def _read_metadata(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   """The checkpoint's tree of array metadata; raises if it cannot be read (corruption)."""
+  _check_index(mngr, step)
   md = mngr.item_metadata(step)["state"]
   tree = md.tree if hasattr(md, "tree") else md
   if not isinstance(tree, dict):

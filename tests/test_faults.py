@@ -129,6 +129,34 @@ def test_unreadable_newest_checkpoint_falls_back_and_ends_identical(finished, co
   _assert_same_params(state, finished[1])
 
 
+@pytest.mark.parametrize("fault", ["delete manifest.ocdbt", "garble manifest.ocdbt",
+                                   "truncate the index"])
+def test_a_broken_array_index_is_one_warning_not_a_page_of_tracebacks(copy, capfd, monkeypatch,
+                                                                      fault):
+  # Orbax reads the arrays concurrently; with a bad OCDBT index each read that finished after
+  # the first error raised "Event loop is closed" in a tensorstore thread, which Python prints
+  # as a traceback (about 30 of them); pytest would turn them into warnings, so they are
+  # counted here.
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  state_dir = os.path.join(copy, "checkpoints", "16", "state")
+  if fault == "delete manifest.ocdbt":
+    os.remove(os.path.join(state_dir, "manifest.ocdbt"))
+  elif fault == "garble manifest.ocdbt":
+    _flip(os.path.join(state_dir, "manifest.ocdbt"), n=16, at=0.0)
+  else:
+    for p in glob.glob(os.path.join(state_dir, "d", "*")):
+      _truncate(p)
+  capfd.readouterr()
+  state, _ = _restore(_cfg(), copy)
+  time.sleep(1.0)  # the tracebacks came from tensorstore's threads, after the restore
+  out, err = capfd.readouterr()
+  assert int(state.step) == 8
+  assert out.count("WARNING") == 1 and "checkpoint at step 16" in out, out
+  assert not unraisable, [str(u.exc_value) for u in unraisable[:3]]
+  assert "Traceback" not in err and "Event loop is closed" not in err, err[:2000]
+
+
 def test_flipped_bytes_restore_silently_without_the_digest(copy):
   """Why the digest exists: Orbax restores most flips of array bytes without a word, and only
   the digest stored with the arrays notices them.
