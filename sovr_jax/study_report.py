@@ -195,7 +195,7 @@ def _pair(ca: dict[str, Any], cb: dict[str, Any]):
   best, key = None, None
   for ra in ca.get("autoattack") or []:
     for rb in cb.get("autoattack") or []:
-      if "points" not in ra or "points" not in rb or ra["n"] != rb["n"]:
+      if "points" not in ra or "points" not in rb or schema.comparable(ra, rb):
         continue
       common = _common_prefix(finished(ra), finished(rb))
       if not common:

@@ -38,6 +38,7 @@ def test_each_engine_writes_the_schema(results, engine):
   r = results[engine]
   schema.validate(r)
   assert r["engine"] == engine and r["n"] == N and r["clean_acc"] == 1.0
+  assert r["points_sha256"] == targets.tiny_mlp(N, seed=SEED, eps=EPS).points_sha256
   assert r["attacks"] == list(ATTACKS) and r["settings"]["n_iter"] == settings.FAST.n_iter
   p = schema.decode_points(r)
   before = N
@@ -64,6 +65,10 @@ def test_engines_agree_on_the_same_points(results):
   assert cmp["mcnemar_jax_vs_reference"]["p_value"] > 0.01
   assert all(rows[a]["jax_time_s"] > 0 and rows[a]["ref_time_s"] > 0 for a in ATTACKS)
   assert "per-point agreement" in compare.format_table(cmp)
+  other = {**results["reference"], "points_sha256": targets.tiny_mlp(N, seed=SEED + 1,
+                                                                    eps=EPS).points_sha256}
+  with pytest.raises(ValueError, match="not on the same points.*other points"):
+    compare.compare(results["jax"], other)
 
 
 def test_reference_resumes_after_an_interruption(target, tmp_path, monkeypatch):

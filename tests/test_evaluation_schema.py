@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sovr_jax.errors import ConfigError
-from sovr_jax.evaluation import schema, settings
+from sovr_jax.evaluation import schema, settings, targets
 
 
 def _result(n=6):
@@ -46,6 +46,23 @@ def test_inconsistent_points_and_foreign_files_are_refused(tmp_path):
   path.write_text(json.dumps({"clean_acc": 0.5, "robust_acc": 0.4}))
   with pytest.raises(Exception, match="older version"):
     schema.read(str(path))
+
+
+def test_results_are_comparable_only_on_the_same_points_and_threat_model():
+  x = np.zeros((6, 2, 2, 1), np.float32)
+  t = targets.Target(x=x, y=np.arange(6), eps=8 / 255, norm="linf", num_classes=10, info={})
+  moved = targets.Target(x=x + np.float32(1 / 255), y=np.arange(6), eps=8 / 255, norm="linf",
+                         num_classes=10, info={})
+  reordered = targets.Target(x=x, y=np.arange(6)[::-1].copy(), eps=8 / 255, norm="linf",
+                             num_classes=10, info={})
+  assert len({t.points_sha256, moved.points_sha256, reordered.points_sha256}) == 3
+  a = {**_result(), "points_sha256": t.points_sha256}
+  assert schema.comparable(a, dict(a)) is None
+  assert schema.comparable(a, {**a, "points_sha256": None}) is None  # an older result
+  for change, words in (({"n": 5}, "n 6 against 5"), ({"eps": 4 / 255}, "eps"),
+                        ({"norm": "l2"}, "l2"), ({"dataset": "svhn"}, "data set"),
+                        ({"points_sha256": moved.points_sha256}, "other points")):
+    assert words in schema.comparable(a, {**a, **change}), change
 
 
 def test_settings_and_parsing():

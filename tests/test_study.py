@@ -223,6 +223,20 @@ def test_tables_mean_std_and_the_paired_difference():
   assert "SOVR - PGD-AT under AutoAttack, seeds 0,1,2" in table and "SOVR above PGD-AT" in table
 
 
+def test_cells_on_other_points_or_another_eps_are_not_paired():
+  """A seed whose two cells were attacked on other points (another data source or test
+  order: another points_sha256) or at another eps has no paired row, and is left out of the
+  pooled one."""
+  s = _fake_study()
+  for run in ("pgd_at", "sovr"):
+    for seed in (0, 1, 2):
+      s["cells"][f"{run}_s{seed}"]["autoattack"][0]["points_sha256"] = f"{seed:064x}"
+  s["cells"]["sovr_s1"]["autoattack"][0]["points_sha256"] = "f" * 64
+  s["cells"]["sovr_s2"]["autoattack"][0]["eps"] = 4 / 255
+  rows = study_report.paired(s, n_boot=200)
+  assert [r["seeds"] for r in rows] == [[0]]
+
+
 def test_sanity_gate_and_the_plain_verdict():
   """No claim about the paper from models below the gate; an interval containing 0 is "not
   shown at this budget"."""

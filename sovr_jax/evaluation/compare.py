@@ -21,8 +21,11 @@ from sovr_jax.evaluation import schema
 def compare(jax_result: dict[str, Any], ref_result: dict[str, Any]) -> dict[str, Any]:
   for r in (jax_result, ref_result):
     schema.validate(r)
-  if jax_result["n"] != ref_result["n"] or jax_result["attacks"] != ref_result["attacks"]:
-    raise ValueError("the two results are not on the same points and attacks.")
+  why = schema.comparable(jax_result, ref_result)
+  if why is None and jax_result["attacks"] != ref_result["attacks"]:
+    why = f"attacks {jax_result['attacks']} against {ref_result['attacks']}"
+  if why:
+    raise ValueError(f"the two results are not on the same points and attacks ({why}).")
   rows = [_row("clean", jax_result["clean_acc"], ref_result["clean_acc"], None, None)]
   for a in jax_result["attacks"]:
     rows.append(_row(a, jax_result["robust_acc_after"][a], ref_result["robust_acc_after"][a],

@@ -39,7 +39,8 @@ def run(target: Target, *, attacks: Sequence[str], seed: int, batch_size: int,
   common = dict(version=version, attacks=attacks, eps=target.eps, norm=target.norm, seed=seed,
                 batch_size=bs, settings={**_settings_dict(s), "attack_dtype": attack_dtype,
                                          "runs_at_once": runs_at_once},
-                model=target.info, dataset=target.dataset)
+                model=target.info, dataset=target.dataset,
+                points_sha256=target.points_sha256)
 
   def save_partial(st):
     if partial_out is None or len(st["attacks"]) == len(attacks):

@@ -178,7 +178,8 @@ def run(target: Target, *, attacks: Sequence[str], seed: int, batch_size: int, d
   state_path, progress_path = resume_paths(out)
   fingerprint = {"n": n, "eps": target.eps, "norm": target.norm, "seed": seed,
                  "attacks": list(attacks), "settings": vars(s), "model": target.info,
-                 "labels": schema.encode_flags(target.y % 2), "dataset": target.dataset}
+                 "labels": schema.encode_flags(target.y % 2), "dataset": target.dataset,
+                 "points_sha256": target.points_sha256}
   progress = _start(progress_path, state_path, fingerprint, fresh, log)
   resumed = progress is not None
   if progress is None:
@@ -272,6 +273,7 @@ def run(target: Target, *, attacks: Sequence[str], seed: int, batch_size: int, d
                 "allow_tf32": bool(torch.backends.cudnn.allow_tf32)
                 if device.startswith("cuda") else None},
       checks=checks, model=target.info, dataset=target.dataset,
+      points_sha256=target.points_sha256,
       extra={"device_name": (torch.cuda.get_device_name(torch.device(device))
                              if device.startswith("cuda") else "cpu"),
              "finished": datetime.datetime.now().isoformat(timespec="seconds")})

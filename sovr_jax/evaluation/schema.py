@@ -17,6 +17,8 @@ A result (``SCHEMA`` = "sovr_jax.autoattack/2") is a JSON object:
     checks: every returned example inside the eps-ball and [0, 1], finite, and re-evaluated
             on the model (flags_disagree, the borderline rule, unverified_examples)
     model {architecture, width, num_classes, method, checkpoint, step, workdir}, dataset
+    points_sha256: SHA-256 of the points attacked (shape, float32 pixels, labels; results
+            written before 2026-12-03 lack it)
     upper_bounds (optional): the JAX model's clean / PGD-20 / CW-20 on the same points
     versions, devices, command, host, created                  (``rundir.provenance``)
 
@@ -65,7 +67,8 @@ def build(engine: str, *, version: str, attacks: Sequence[str], clean: np.ndarra
           robust: np.ndarray, broken_by: Sequence[str], per_attack: list[dict[str, Any]],
           eps: float, norm: str, seed: int, batch_size: int, settings: dict[str, Any],
           checks: dict[str, Any], model: dict[str, Any], dataset: str | None,
-          extra: dict[str, Any] | None = None, complete: bool = True) -> dict[str, Any]:
+          points_sha256: str | None = None, extra: dict[str, Any] | None = None,
+          complete: bool = True) -> dict[str, Any]:
   """A result in the schema (provenance of this process added). ``complete=False``: a run
   cut after the attacks in ``per_attack`` (robust_acc is null; the flags are an upper bound,
   the robust accuracy after the last attack that finished)."""
@@ -86,7 +89,7 @@ def build(engine: str, *, version: str, attacks: Sequence[str], clean: np.ndarra
       "total_time_s": float(sum(a["time_s"] or 0.0 for a in per_attack)),
       "points": {"clean": encode_flags(clean), "robust": encode_flags(robust),
                  "broken_by": encode_broken_by(broken_by, attacks)},
-      "checks": checks, "model": model, "dataset": dataset,
+      "checks": checks, "model": model, "dataset": dataset, "points_sha256": points_sha256,
       **(extra or {}),
       **rundir.provenance("torch", "pyautoattack"),
   }
@@ -111,6 +114,24 @@ def validate(result: dict[str, Any]) -> None:
   n = result["n"]
   if not all(len(result["points"][k]) == n for k in ("clean", "robust", "broken_by")):
     raise ValueError("the per-point strings must have one character per point.")
+
+
+def comparable(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+  """Why results ``a`` and ``b`` cannot be compared point by point (another n, threat model,
+  data set or set of points), or None if they can. Points are known to be the same only where
+  both results carry ``points_sha256``; older results are compared on n, eps, norm and
+  data set alone."""
+  if a["n"] != b["n"]:
+    return f"n {a['n']} against {b['n']}"
+  if a["norm"] != b["norm"] or abs(float(a["eps"]) - float(b["eps"])) > 1e-9:
+    return f"{a['norm']} eps {a['eps']:.6g} against {b['norm']} eps {b['eps']:.6g}"
+  if a.get("dataset") and b.get("dataset") and a["dataset"] != b["dataset"]:
+    return f"data set {a['dataset']} against {b['dataset']}"
+  fa, fb = a.get("points_sha256"), b.get("points_sha256")
+  if fa and fb and fa != fb:
+    return (f"other points (points_sha256 {fa[:12]} against {fb[:12]}: another data source, "
+            f"test order or preprocessing)")
+  return None
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:

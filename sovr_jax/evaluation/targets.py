@@ -19,6 +19,8 @@ AutoAttack attacks that). Builders:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from typing import Any, Callable
 
 import numpy as np
@@ -47,6 +49,15 @@ class Target:
   @property
   def n(self) -> int:
     return int(len(self.y))
+
+  @functools.cached_property
+  def points_sha256(self) -> str:
+    """SHA-256 of the points (shape, float32 pixels, labels): two results with the same one
+    were computed on the same images in the same order (``schema.comparable``)."""
+    h = hashlib.sha256(repr(tuple(self.x.shape)).encode())
+    h.update(np.ascontiguousarray(self.x, np.float32).tobytes())
+    h.update(np.ascontiguousarray(self.y, np.int64).tobytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
