@@ -100,6 +100,9 @@ def config_flags_parser(flag_values) -> Callable[[Sequence[str]], list[str]]:
       rest = flag_values(argv)
       if "config" in flag_values and flag_values["config"].present:
         flag_values.config.keys()  # a config file that failed to load raises here
+      if len(rest) > 1:
+        fail(f"unexpected arguments {rest[1:]}: everything is a flag, e.g. "
+             f"--config.train.epochs=5 (run with --helpshort for the flags).")
       return rest
     except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
       schema = config_lib.default_schema()

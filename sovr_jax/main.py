@@ -47,8 +47,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 @cli.guarded
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv  # config_flags_parser refused positional arguments
   logging.set_verbosity(logging.WARNING)
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, mode=FLAGS.distributed)

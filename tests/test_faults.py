@@ -469,6 +469,7 @@ def test_a_resume_without_its_best_checkpoint_says_so_and_chooses_again(copy, ca
     (["--config.attack.eps=8"], ["attack.eps", "8/255"]),
     (["--config.data.source=image_folder", "--config.data.path=/nowhere.tar.gz"],
      ["/nowhere.tar.gz", "does not exist"]),
+    (["configs/tiny.py"], ["unexpected arguments ['configs/tiny.py']", "--helpshort"]),
 ])
 def test_cli_errors_are_one_message_and_exit_2(tmp_path, args, words):
   proc = _cli(["--workdir", str(tmp_path / "w")] + args)
@@ -476,6 +477,7 @@ def test_cli_errors_are_one_message_and_exit_2(tmp_path, args, words):
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   for w in words:
     assert w in proc.stderr, (w, proc.stderr)
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # not the help text
   assert not os.path.exists(tmp_path / "w")
 
 
