@@ -151,6 +151,10 @@ def run_table(study: dict[str, Any]) -> str:
     aa = [figure(c) for c in done.values()]
     if all(aa):
       aa_text = _ms(stats.mean_std([r["robust_acc"] for r in aa]))
+      if len({(r["n"], r["engine"]) for r in aa}) > 1:  # a seed fell back to another result
+        aa_text += " (mixed: " + ", ".join(
+            f"seed {s} n={r['n']} {'JAX' if r['engine'] == 'jax' else 'reference'}"
+            for s, r in zip(done, aa)) + ")"
     else:  # an upper bound, where every seed's bound rests on the same attacks
       sub = [_bound(c) for c in done.values()]
       same = all(sub) and len({b[1] for b in sub}) == 1

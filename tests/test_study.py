@@ -223,6 +223,17 @@ def test_tables_mean_std_and_the_paired_difference():
   assert "SOVR - PGD-AT under AutoAttack, seeds 0,1,2" in table and "SOVR above PGD-AT" in table
 
 
+def test_the_mean_over_seeds_says_when_its_seeds_rest_on_other_results():
+  s = _fake_study()
+  assert "mixed" not in study_report.run_table(s)
+  main = s["cells"]["sovr_s1"]["autoattack"][0]
+  s["cells"]["sovr_s1"]["autoattack"] = [  # seed 1's AutoAttack: only the reference check
+      {**main, "role": "check", "engine": "reference", "n": 1000,
+       "points": {k: v[:1000] for k, v in main["points"].items()}}]
+  row = [ln for ln in study_report.run_table(s).splitlines() if ln.startswith("| SOVR |")][0]
+  assert ("(mixed: seed 0 n=2000 JAX, seed 1 n=1000 reference, seed 2 n=2000 JAX)" in row), row
+
+
 def test_cells_on_other_points_or_another_eps_are_not_paired():
   """A seed whose two cells were attacked on other points (another data source or test
   order: another points_sha256) or at another eps has no paired row, and is left out of the
