@@ -152,7 +152,11 @@ def trades(clean_logits: Array, adv_logits: Array, labels: Array, *,
   """TRADES (Zhang et al. 2019): l_CE(z(x), y) + beta * KL(p(x) || p(x')).
 
   Gradients flow through both the clean and the adversarial logits, as in the
-  authors' ``trades_loss``.
+  authors' ``trades_loss``. Its training forward passes differ in one way (our choice):
+  ``train.make_train_step`` runs the clean batch once and the adversarial batch once in
+  train mode, where ``trades_loss`` runs the clean batch twice (for the CE and for the KL
+  target; the same logits in train mode, so the same gradient), so the authors' BatchNorm
+  running statistics get one more update from the clean batch per step.
   """
   _check_beta(beta)
   chex.assert_equal_shape((clean_logits, adv_logits))
