@@ -299,21 +299,23 @@ def _decode_folder(path: str):
 
 
 def _source_key(path: str) -> str:
-  """Identifies the source's contents: path + size + mtime (of every image for a directory)."""
+  """Identifies the source's contents: path, and the size, mtime and ctime of the archive or of
+  every image the loader reads (class folders that are links followed, as the loader does).
+  The ctime changes with every copy, so an archive replaced by one of the same size whose
+  mtime was kept (``cp -p``, ``rsync -a``) is decoded again."""
   h = hashlib.sha256()
   h.update(f"v{CACHE_VERSION}\0{path}\0".encode())
   if os.path.isdir(path):
-    root = os.path.join(path, _folder_root(path))
-    for split in SPLITS:
-      for dirpath, dirnames, filenames in os.walk(os.path.join(root, split)):
-        dirnames.sort()
-        for fname in sorted(filenames):
-          st = os.stat(os.path.join(dirpath, fname))
-          rel = os.path.relpath(os.path.join(dirpath, fname), root)
-          h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    base = os.path.join(path, _folder_root(path))
+    for split, cls, fname, _ in _iter_dir(path, read=False):
+      if fname is None:
+        continue
+      st = os.stat(os.path.join(base, split, cls, fname))
+      h.update(f"{split}/{cls}/{fname}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0"
+               .encode())
   else:
     st = os.stat(path)
-    h.update(f"{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    h.update(f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0".encode())
   return h.hexdigest()
 
 

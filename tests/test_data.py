@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import tarfile
 import time
 
@@ -208,6 +209,41 @@ def test_image_folder_labels_pixels_and_cache(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="decoder called"):
     data.load_dataset("tiny", source="image_folder", path=str(folder),
                       val_size=0, cache_dir=str(cache))
+
+
+def test_the_cache_follows_linked_class_folders_and_replaced_archives(tmp_path):
+  """The cache key covers what the loader reads: class folders that are links (the images
+  behind them were left out of the key), and an archive replaced by one of the same size with
+  its mtime kept (cp -p, rsync -a: the key was path, size and mtime)."""
+  cache = str(tmp_path / "cache")
+  load = lambda p: image_folder.load(str(p), cache)[0][0]  # noqa: E731  train images
+  a, b, linked = tmp_path / "a", tmp_path / "b", tmp_path / "linked"
+  _make_folder(a, seed=1)
+  _make_folder(b, seed=2)
+  for split in ("train", "test"):
+    (linked / split).mkdir(parents=True)
+    for cls in ("cat", "dog"):
+      (linked / split / cls).symlink_to(a / split / cls)
+  np.testing.assert_array_equal(load(linked), load(a))
+  for split in ("train", "test"):
+    for cls in ("cat", "dog"):
+      (linked / split / cls).unlink()
+      (linked / split / cls).symlink_to(b / split / cls)
+  np.testing.assert_array_equal(load(linked), load(b))
+
+  tars = []
+  for src in (a, b):
+    tars.append(tmp_path / f"{src.name}.tar")
+    with tarfile.open(tars[-1], "w") as tar:
+      for split in ("train", "test"):  # fixed member times: two archives of the same size
+        tar.add(src / split, arcname=split,
+                filter=lambda ti: (setattr(ti, "mtime", 0), ti)[1])
+  assert tars[0].stat().st_size == tars[1].stat().st_size
+  np.testing.assert_array_equal(load(tars[0]), load(a))
+  st = tars[0].stat()
+  shutil.copyfile(tars[1], tars[0])
+  os.utime(tars[0], ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime kept
+  np.testing.assert_array_equal(load(tars[0]), load(b))
 
 
 def test_image_folder_tarball_with_top_level_folder(tmp_path):
