@@ -591,7 +591,9 @@ def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
   """Yields numpy (images, labels) batches.
 
   The order is a pure function of (rng_seed, epoch), so a run resumed at
-  ``epoch`` sees exactly the batches an uninterrupted run would.
+  ``epoch`` sees exactly the batches an uninterrupted run would. With ``drop_remainder``
+  (the trainer's choice) the last ``n % batch_size`` examples of the epoch's order are left
+  out of that epoch (other ones each epoch).
   """
   n = len(images)
   if len(labels) != n:
