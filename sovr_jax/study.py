@@ -22,7 +22,8 @@ rerunning the command resumes):
               card and times; curves; test clean / PGD-20 / CW-20 (upper bounds); the raw
               adversarial margins of 2,000 training examples; the AutoAttack results (the
               per-point flags included) and the side-by-side check. ``--into`` merges the
-              cells into an existing study JSON (a newer cell replaces an older one), so each
+              cells into an existing study JSON (``merge``: a newer run of a cell replaces the
+              older one only if its evaluation got as far; the other is kept aside), so each
               GPU session adds its cells to one committed file.
 ``python -m scripts.plot_study`` draws the figures and tables from the JSON alone. A cell that
 fails or times out is recorded with its error; the others go on.
@@ -263,9 +264,23 @@ def collect(specs, args, status) -> dict[str, Any]:
           "created": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
-def merge(into: str, new: dict[str, Any]) -> dict[str, Any]:
-  """Adds ``new``'s cells to the study JSON at ``into`` (created if missing); a cell of the
-  same name is replaced only by one that has a report (a failed rerun keeps the old one)."""
+def completeness(cell: dict[str, Any]) -> tuple[int, int, int, int]:
+  """How far a cell's evaluation got, to compare two runs of one cell: (trained, has the
+  complete AutoAttack, attacks finished, test points of its most advanced AutoAttack)."""
+  if "test" not in cell:
+    return (0, 0, 0, 0)
+  from sovr_jax import study_report  # pylint: disable=import-outside-toplevel
+  done = [(len(study_report.finished(r)), r["n"]) for r in cell.get("autoattack") or []]
+  attacks, n = max(done, default=(0, 0))
+  return (1, int(study_report.figure(cell) is not None), attacks, n)
+
+
+def merge(into: str, new: dict[str, Any], log=print) -> dict[str, Any]:
+  """Adds ``new``'s cells to the study JSON at ``into`` (created if missing). A cell that is
+  already there is replaced by the new run of it only if that got as far (``completeness``:
+  trained, the complete AutoAttack, attacks finished, points; a tie goes to the newer), and
+  the run not kept, if it trained, goes to ``set_aside[<cell>]`` with the reason: a rerun cut
+  short never replaces a finished cell, and no trained cell's figures are dropped."""
   if not os.path.exists(into):
     return new
   old = _read_json(into)
@@ -273,8 +288,20 @@ def merge(into: str, new: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"{into} holds the {old.get('scale')!r} scale, these cells the "
                      f"{new.get('scale')!r} scale; merge only cells of one schedule.")
   for name, cell in new["cells"].items():
-    if "test" in cell or name not in old["cells"]:
+    prev = old["cells"].get(name)
+    if prev is None:
       old["cells"][name] = cell
+      continue
+    newer = completeness(cell) >= completeness(prev)
+    kept, other = (cell, prev) if newer else (prev, cell)
+    old["cells"][name] = kept
+    if "test" in other:
+      why = (f"replaced by the run merged from {new.get('command')!r} ({new.get('created')})"
+             if newer else f"a rerun that got less far than the cell kept "
+                           f"(completeness {completeness(cell)} < {completeness(prev)})")
+      old.setdefault("set_aside", {}).setdefault(name, []).append({**other, "set_aside": why})
+      log(f"[study] {name}: kept the {'new' if newer else 'earlier'} run; the other is in "
+          f"set_aside[{name!r}] ({why}).")
   old.setdefault("merges", []).append({"command": new["command"], "created": new["created"],
                                        "cells": sorted(new["cells"])})
   return old

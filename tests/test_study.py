@@ -409,6 +409,32 @@ def test_merge_adds_cells_and_keeps_a_trained_cell_over_a_failed_rerun(tmp_path)
     study.merge(into, {**b, "scale": "gpu"})
 
 
+def test_a_rerun_cut_short_never_replaces_a_finished_cell_and_nothing_trained_is_dropped(
+    tmp_path):
+  """A second GPU session that trains a cell again and has its AutoAttack cut keeps the first
+  session's complete cell; a rerun that gets as far replaces it. The run not kept is in
+  set_aside either way."""
+  into = str(tmp_path / "study.json")
+  full = {"test": {"best": {"clean_acc": 0.8}}, "autoattack": [_fake_result([1, 0, 1, 1])]}
+  cut = {"test": {"best": {"clean_acc": 0.81}},
+         "autoattack": [_cut_result(["", "apgd-ce"] * 2, ("apgd-ce",))]}
+  assert study.completeness(full) > study.completeness(cut) > study.completeness({})
+  first = {"scale": "full", "cells": {"pgd_at_s0": full}, "command": "a", "created": "t0"}
+  json.dump(study.merge(into, first), open(into, "w"))
+  said = []
+  merged = study.merge(into, {"scale": "full", "cells": {"pgd_at_s0": cut}, "command": "b",
+                              "created": "t1"}, log=said.append)
+  assert merged["cells"]["pgd_at_s0"] == full
+  assert merged["set_aside"]["pgd_at_s0"][0]["test"] == cut["test"]
+  assert "kept the earlier run" in said[0]
+  json.dump(merged, open(into, "w"))
+  again = {**full, "test": {"best": {"clean_acc": 0.79}}}
+  merged = study.merge(into, {"scale": "full", "cells": {"pgd_at_s0": again}, "command": "c",
+                              "created": "t2"}, log=said.append)
+  assert merged["cells"]["pgd_at_s0"] == again  # as far: the newer run
+  assert [c["test"] for c in merged["set_aside"]["pgd_at_s0"]] == [cut["test"], full["test"]]
+
+
 def test_gpu_study_script_at_tiny_scale(tmp_path):
   """scripts/gpu_study.sh end to end on the CPU: two cells trained at once, the JAX AutoAttack
   on each, both engines side by side on one, one JSON per cell as soon as it is done, the
