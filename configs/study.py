@@ -8,8 +8,8 @@
 The argument after ':' is ``METHOD[,SCALE[,EPOCHS]]``:
   full  (default) the real schedule, docs/results.md: full-width PreActResNet-18 on the 49,000
         training images, bfloat16 compute, batch 512, lr 0.2 (the recipe's 0.1 at batch 128
-        times sqrt(512 / 128); Wong et al. 2020 train PreActResNet-18 adversarially at batch
-        512 with lr up to 0.2), 1 warm-up epoch, 36 epochs with lr x0.1 at 75 % and 90 % of
+        times sqrt(512 / 128): square-root scaling, our choice, not checked against a
+        published batch-512 recipe), 1 warm-up epoch, 36 epochs with lr x0.1 at 75 % and 90 % of
         them (epochs 27 and 32: the MART/MAIL boundaries, 75 and 90 of 100, scaled), PGD-10 at
         eps 8/255 with step 2/255. MAIL reweights from 75 %, GAIRAT from its middle epoch
         (their recipes: docs/results.md). EPOCHS lengthens it with the same shape

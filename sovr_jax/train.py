@@ -23,6 +23,7 @@ import optax
 from flax.training import train_state
 
 from sovr_jax import attacks, augment, losses, methods, sharding
+from sovr_jax.errors import ConfigError
 
 Array = jax.Array
 
@@ -49,8 +50,12 @@ def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax
   total = t.epochs * steps_per_epoch
   warmup = int(t.warmup_epochs * steps_per_epoch)
   if t.schedule == "piecewise":
-    main = optax.piecewise_constant_schedule(
-        t.lr, {int(b * steps_per_epoch): t.lr_decay for b in t.lr_boundaries})
+    steps = [int(b * steps_per_epoch) for b in t.lr_boundaries]
+    if len(set(steps)) < len(steps):  # a dict keyed by step would keep one of the decays
+      raise ConfigError(f"Config field 'train.lr_boundaries': {tuple(t.lr_boundaries)} fall on "
+                        f"the same step at {steps_per_epoch} steps per epoch ({steps}), so "
+                        f"one decay would be lost; move them at least one step apart.")
+    main = optax.piecewise_constant_schedule(t.lr, {s: t.lr_decay for s in steps})
   elif t.schedule == "cosine":
     cosine = optax.cosine_decay_schedule(t.lr, max(1, total - warmup))
     main = lambda step: cosine(jnp.maximum(step - warmup, 0))  # noqa: E731

@@ -13,6 +13,7 @@ import pytest
 
 from configs import tiny
 from sovr_jax import bench, config_lib, methods, models, sharding, train
+from sovr_jax.errors import ConfigError
 from tests.references import needs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +140,16 @@ def test_the_study_schedule_reaches_its_last_step():
   assert float(s(6 * spe)) == pytest.approx(0.02)
   assert float(s(7 * spe)) == pytest.approx(0.002)
   assert float(s(8 * spe - 1)) == pytest.approx(0.002)
+
+
+def test_two_boundaries_on_one_step_are_refused():
+  """(6.0, 6.05) at 10 steps per epoch both decay at step 60: keyed by step, one was lost."""
+  cfg = tiny.get_config("pgd_at")
+  cfg.train.epochs, cfg.train.lr_boundaries = 8, (6.0, 6.05)
+  with pytest.raises(ConfigError, match="fall on the same step"):
+    train.make_schedule(cfg, steps_per_epoch=10)
+  assert float(train.make_schedule(cfg, steps_per_epoch=100)(606)) == pytest.approx(
+      cfg.train.lr * cfg.train.lr_decay ** 2)
 
 
 def test_step_is_deterministic_and_folds_the_step_into_the_rng():
