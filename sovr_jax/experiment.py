@@ -150,6 +150,40 @@ def _prepare(cfg: ml_collections.ConfigDict) -> _Setup:
   return _Setup(ds, mesh, model, schedule, state, steps_per_epoch, (step_rng, eval_rng))
 
 
+def resume_hazards(cfg: ml_collections.ConfigDict,
+                   diff: dict[str, tuple[Any, Any]]) -> dict[str, str]:
+  """The changes a resume usually may make (``rundir.RESUMABLE_FIELDS``) that would change
+  this run (``cfg``, the new config) beyond its new length, each with the reason:
+
+  * ``train.epochs`` under the cosine schedule, which spans the run: its lr would jump;
+  * ``train.epochs`` for MAIL / GAIRAT with the default reweighting start, which is a share
+    of the epochs: it would stop reweighting and start again later;
+  * ``eval.pgd_steps`` / ``eval.step_size``, which score the validation PGD accuracy that
+    chooses the best checkpoint: later epochs would be ranked on another scale than the best
+    so far.
+  """
+  out = {}
+  if "train.epochs" in diff:
+    (before, after), why = diff["train.epochs"], []
+    if cfg.train.schedule == "cosine":
+      why.append("the cosine schedule spans train.epochs, so its lr would jump at the resume")
+    first = methods.reweight_start_epoch(cfg.method, cfg, int(before))
+    if first != methods.reweight_start_epoch(cfg.method, cfg, int(after)):
+      sec = "gairat" if cfg.method == "gairat" else "mail"
+      why.append(f"{cfg.method}'s reweighting starts at a share of train.epochs (0-based "
+                 f"epoch {first} of {before}, "
+                 f"{methods.reweight_start_epoch(cfg.method, cfg, int(after))} of {after}); "
+                 f"to keep it where it was, also pass --config.{sec}.start_epoch={first} "
+                 f"--allow_change={sec}.start_epoch")
+    if why:
+      out["train.epochs"] = "; ".join(why)
+  for f in ("eval.pgd_steps", "eval.step_size"):
+    if f in diff:
+      out[f] = ("it scores the validation PGD accuracy that chooses the best checkpoint, so "
+                "later epochs would be ranked on another scale than the best so far")
+  return out
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
                        allow_changes: Sequence[str] = ()) -> dict[str, Any]:
   """Trains ``cfg`` in ``workdir`` (resuming if it holds a checkpoint) and returns the report
@@ -178,7 +212,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
     if _is_main():
       changes = rundir.start_or_resume(workdir, cfg.to_dict(),
                                        config_lib.default_schema().to_dict(),
-                                       allow=allow_changes, log=_log)
+                                       allow=allow_changes, log=_log,
+                                       guard=lambda diff: resume_hazards(cfg, diff))
     sharding.sync_processes("config-checked")
     return _train(cfg, workdir, setup, changes, t_start)
 

@@ -32,7 +32,7 @@ import platform
 import socket
 import sys
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from sovr_jax import jsonio
 from sovr_jax.errors import WorkdirError, WorkdirLockedError
@@ -314,14 +314,19 @@ def has_checkpoint(workdir: str) -> bool:
 
 
 def start_or_resume(workdir: str, config: dict[str, Any], defaults: dict[str, Any], *,
-                    allow: Sequence[str] = (), log=print) -> list[dict[str, Any]]:
+                    allow: Sequence[str] = (), log=print,
+                    guard: Callable[[dict[str, tuple[Any, Any]]], dict[str, str]] | None = None
+                    ) -> list[dict[str, Any]]:
   """Writes W/config.json on a run's first start; on a resume checks ``config`` against it.
 
   Call it with the workdir locked (process 0 only). A workdir without a checkpoint holds no
   training: its config.json (e.g. from a start that failed) is moved aside and replaced. With
   a checkpoint, every field that changes what is trained must match; ``RESUMABLE_FIELDS``
   and the fields in ``allow`` (an explicit request, e.g. a lower train.lr after a
-  divergence) may change, and each such change is appended to W/config_changes.jsonl. A torn
+  divergence) may change, and each such change is appended to W/config_changes.jsonl.
+  ``guard(diff)`` names, with a reason, the fields of ``RESUMABLE_FIELDS`` that would change
+  this run's remaining steps or its choice of the best checkpoint (e.g. more epochs under a
+  cosine schedule); those, too, change only when named in ``allow``. A torn
   config.json is moved aside and rebuilt from the config saved in the newest checkpoint.
 
   Returns:
@@ -365,6 +370,17 @@ def start_or_resume(workdir: str, config: dict[str, Any], defaults: dict[str, An
         f"was moved to {dst} and replaced by this run's.")
     _write_config(workdir, config)
     return []
+  reasons = guard(diff) if guard else {}
+  asked = lambda k: any(k == f or (f.endswith(".") and k.startswith(f))  # noqa: E731
+                        for f in allow)
+  moved = {k: why for k, why in reasons.items() if k in diff and not asked(k)}
+  if moved:
+    raise WorkdirError(
+        f"Workdir {workdir}: resuming with " + "; ".join(
+            f"{k} {diff[k][0]!r} -> {diff[k][1]!r} would change what this run trains or how "
+            f"it chooses its best checkpoint: {why}" for k, why in moved.items())
+        + f". Use a new --workdir, or pass --allow_change={','.join(moved)} to accept it "
+        f"(the change is recorded).")
   refused = {k: v for k, v in diff.items() if not _resumable(k, allow)}
   if refused:
     desc = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in refused.items())

@@ -356,6 +356,29 @@ def test_resume_with_more_epochs_is_recorded(copy):
   assert open(os.path.join(copy, "config.json"), "rb").read() == config_bytes
 
 
+def test_a_resume_that_would_move_the_rest_of_the_run_is_refused(copy):
+  """More epochs keep the steps taken, but under a cosine schedule the lr would jump, and for
+  MAIL / GAIRAT the default reweighting start (a share of the epochs) would move; a new
+  validation attack would rank later epochs against the best on another scale. Each is
+  refused unless named in --allow_change."""
+  cos = _cfg(train__schedule="cosine")
+  assert "cosine" in experiment.resume_hazards(cos, {"train.epochs": (4, 8)})["train.epochs"]
+  assert not experiment.resume_hazards(_cfg(), {"train.epochs": (4, 8)})  # piecewise: fine
+  mail = tiny.get_config("mail_at")
+  why = experiment.resume_hazards(mail, {"train.epochs": (4, 8)})["train.epochs"]
+  assert "0-based epoch 3 of 4, 6 of 8" in why and "--config.mail.start_epoch=3" in why
+  mail.mail.start_epoch = 3
+  assert not experiment.resume_hazards(mail, {"train.epochs": (4, 8)})
+  gairat = tiny.get_config("gairat")
+  assert "1 of 4, 3 of 8" in experiment.resume_hazards(gairat, {"train.epochs": (4, 8)})[
+      "train.epochs"]
+  changes = os.path.join(copy, rundir.CONFIG_CHANGES_FILE)
+  with pytest.raises(WorkdirError, match=r"eval.pgd_steps 3 -> 1 would change .* best "
+                                         r"checkpoint.*--allow_change=eval.pgd_steps"):
+    experiment.train_and_evaluate(_cfg(eval__pgd_steps=1), copy)
+  assert not os.path.exists(changes)  # nothing recorded, nothing trained
+
+
 def test_torn_last_metrics_line_is_dropped_and_the_run_resumes(copy, capsys):
   with open(os.path.join(copy, "metrics.jsonl"), "a") as f:
     f.write('{"step": 17, "epoch": 3, "loss": 1.2')  # a crash in the middle of an append
