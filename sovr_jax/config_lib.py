@@ -189,9 +189,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check_number("train.lr_boundaries", b, "(0, inf)", False)
   _require(bounds == sorted(set(bounds)), "train.lr_boundaries",
            f"must be strictly increasing epochs, got {tuple(bounds)}.")
-  _require(not bounds or bounds[-1] < t.epochs, "train.lr_boundaries",
-           f"{tuple(bounds)} has a boundary at or past the end of the run (train.epochs="
-           f"{t.epochs}), where it would never apply; lower it or raise train.epochs.")
+  # A boundary at the end itself (b = epochs) is allowed: quick runs shrink the epochs to
+  # the first boundary (configs/tiny.py with train.epochs=1), and it acts as no decay.
+  _require(not bounds or bounds[-1] <= t.epochs, "train.lr_boundaries",
+           f"{tuple(bounds)} has a boundary past the last epoch (train.epochs={t.epochs}), "
+           f"where it would never apply; lower it or raise train.epochs.")
   _require(not bounds or t.schedule != "piecewise" or bounds[0] > t.warmup_epochs,
            "train.lr_boundaries",
            f"the first decay (epoch {bounds[0] if bounds else None}) falls inside the warm-up "

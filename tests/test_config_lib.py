@@ -61,8 +61,7 @@ BAD_VALUES = [
     ("train.lr_decay", NAN, "finite"),
     ("train.warmup_epochs", -1, "[0, inf)"),
     ("train.warmup_epochs", 2, "shorter than the run"),
-    ("train.lr_boundaries", (3,), "at or past the end of the run"),
-    ("train.lr_boundaries", (2,), "at or past the end of the run"),  # epoch 2 of 2: never
+    ("train.lr_boundaries", (3,), "past the last epoch"),
     ("train.lr_boundaries", (1, 1), "strictly increasing"),
     ("train.lr_boundaries", (0.0,), "(0, inf)"),
     ("train.lr_boundaries", (NAN,), "finite"),
