@@ -167,14 +167,13 @@ def resume_hazards(cfg: ml_collections.ConfigDict,
     (before, after), why = diff["train.epochs"], []
     if cfg.train.schedule == "cosine":
       why.append("the cosine schedule spans train.epochs, so its lr would jump at the resume")
-    first = methods.reweight_start_epoch(cfg.method, cfg, int(before))
-    if first != methods.reweight_start_epoch(cfg.method, cfg, int(after)):
+    first, moved = (methods.reweight_start_epoch(cfg.method, cfg, int(e))
+                    for e in (before, after))
+    if first != moved:
       sec = "gairat" if cfg.method == "gairat" else "mail"
       why.append(f"{cfg.method}'s reweighting starts at a share of train.epochs (0-based "
-                 f"epoch {first} of {before}, "
-                 f"{methods.reweight_start_epoch(cfg.method, cfg, int(after))} of {after}); "
-                 f"to keep it where it was, also pass --config.{sec}.start_epoch={first} "
-                 f"--allow_change={sec}.start_epoch")
+                 f"epoch {first} of {before}, {moved} of {after}); to keep it where it was, "
+                 f"also pass --config.{sec}.start_epoch={first} --allow_change={sec}.start_epoch")
     if why:
       out["train.epochs"] = "; ".join(why)
   for f in ("eval.pgd_steps", "eval.step_size"):

@@ -240,9 +240,13 @@ def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _named(field: str, names: Sequence[str]) -> bool:
+  """``field`` is one of ``names``, or in a section of them (a name ending in ".")."""
+  return any(field == f or (f.endswith(".") and field.startswith(f)) for f in names)
+
+
 def _resumable(field: str, allow: Sequence[str] = ()) -> bool:
-  return any(field == f or (f.endswith(".") and field.startswith(f))
-             for f in tuple(RESUMABLE_FIELDS) + tuple(allow))
+  return _named(field, tuple(RESUMABLE_FIELDS) + tuple(allow))
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any],
@@ -371,9 +375,7 @@ def start_or_resume(workdir: str, config: dict[str, Any], defaults: dict[str, An
     _write_config(workdir, config)
     return []
   reasons = guard(diff) if guard else {}
-  asked = lambda k: any(k == f or (f.endswith(".") and k.startswith(f))  # noqa: E731
-                        for f in allow)
-  moved = {k: why for k, why in reasons.items() if k in diff and not asked(k)}
+  moved = {k: why for k, why in reasons.items() if k in diff and not _named(k, allow)}
   if moved:
     raise WorkdirError(
         f"Workdir {workdir}: resuming with " + "; ".join(

@@ -270,9 +270,9 @@ def completeness(cell: dict[str, Any]) -> tuple[int, int, int, int]:
   if "test" not in cell:
     return (0, 0, 0, 0)
   from sovr_jax import study_report  # pylint: disable=import-outside-toplevel
-  done = [(len(study_report.finished(r)), r["n"]) for r in cell.get("autoattack") or []]
-  attacks, n = max(done, default=(0, 0))
-  return (1, int(study_report.figure(cell) is not None), attacks, n)
+  b = study_report.best_bound(cell)
+  return (1, int(study_report.figure(cell) is not None), len(b[1]) if b else 0,
+          b[2] if b else 0)
 
 
 def merge(into: str, new: dict[str, Any], log=print) -> dict[str, Any]:
@@ -292,13 +292,14 @@ def merge(into: str, new: dict[str, Any], log=print) -> dict[str, Any]:
     if prev is None:
       old["cells"][name] = cell
       continue
-    newer = completeness(cell) >= completeness(prev)
+    got, had = completeness(cell), completeness(prev)
+    newer = got >= had
     kept, other = (cell, prev) if newer else (prev, cell)
     old["cells"][name] = kept
     if "test" in other:
       why = (f"replaced by the run merged from {new.get('command')!r} ({new.get('created')})"
              if newer else f"a rerun that got less far than the cell kept "
-                           f"(completeness {completeness(cell)} < {completeness(prev)})")
+                           f"(completeness {got} < {had})")
       old.setdefault("set_aside", {}).setdefault(name, []).append({**other, "set_aside": why})
       log(f"[study] {name}: kept the {'new' if newer else 'earlier'} run; the other is in "
           f"set_aside[{name!r}] ({why}).")

@@ -156,7 +156,7 @@ def run_table(study: dict[str, Any]) -> str:
             f"seed {s} n={r['n']} {'JAX' if r['engine'] == 'jax' else 'reference'}"
             for s, r in zip(done, aa)) + ")"
     else:  # an upper bound, where every seed's bound rests on the same attacks
-      sub = [_bound(c) for c in done.values()]
+      sub = [best_bound(c) for c in done.values()]
       same = all(sub) and len({b[1] for b in sub}) == 1
       aa_text = (f"<= {_ms(stats.mean_std([b[0] for b in sub]))} ({_attacks_text(sub[0][1])})"
                  if same else "-")
@@ -165,7 +165,7 @@ def run_table(study: dict[str, Any]) -> str:
   return "\n".join(rows)
 
 
-def _bound(cell: dict[str, Any]) -> tuple[float, tuple[str, ...], int] | None:
+def best_bound(cell: dict[str, Any]) -> tuple[float, tuple[str, ...], int] | None:
   """(robust accuracy after the attacks that finished, those attacks, n) of the cell's
   AutoAttack result that finished the most attacks (on the most points): an upper bound of
   its AutoAttack; None without one."""
@@ -425,7 +425,7 @@ def gate(study: dict[str, Any], run: str = "pgd_at") -> tuple[bool | None, str]:
     if not (c.get("test") or {}).get("best"):
       unchecked.append(f"seed {s} did not train")
       continue
-    clean, f, bound = c["test"]["best"]["clean_acc"], figure(c), _bound(c)
+    clean, f, bound = c["test"]["best"]["clean_acc"], figure(c), best_bound(c)
     if f:
       rows.append((s, clean, f["robust_acc"], f["n"], None))
     elif bound:
