@@ -1,9 +1,11 @@
-"""Image folders: ``<split>/<class>/*.png|jpg|jpeg`` as a directory or a tarball, decoded once.
+"""Image folders: ``<split>/<class>/<image>`` as a directory or a tarball, decoded once.
 
 ``load(path, cache_dir)`` returns ((x_train, y_train, x_test, y_test), class names) with uint8
 NHWC images, labels the class folders sorted by name. A tarball is read in one sequential pass
 without extraction; a truncated or corrupt archive, an empty class folder, a class missing from
-a split or images of different sizes are a DataError naming the problem. The decoded arrays
+a split or images of different sizes are a DataError naming the problem. Images are the
+files named ``EXTENSIONS`` (what Pillow reads); any other file in a class folder is left out
+with one warning that counts them. The decoded arrays
 are cached as an ``.npz`` in ``cache_dir`` keyed by the source's path, size and mtime, written
 only after every image decoded (nothing partial is ever cached).
 """
@@ -26,12 +28,15 @@ from sovr_jax import progress
 from sovr_jax.errors import DataError, DatasetNotFoundError
 
 SPLITS = ("train", "test")
-EXTENSIONS = (".png", ".jpg", ".jpeg")
-CACHE_VERSION = 2  # 2: 16-bit grayscale images keep their high byte (1 saturated them)
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+              ".pgm")
+# 2: 16-bit grayscale images keep their high byte (1 saturated them); 3: BMP, GIF, TIFF, WebP
+# and PPM/PGM are read too (2 left them out without a word).
+CACHE_VERSION = 3
 
 LAYOUT_HELP = (
-    "Expected layout: <path>/train/<class>/*.png|jpg|jpeg and "
-    "<path>/test/<class>/*.png|jpg|jpeg (optionally inside one top-level "
+    "Expected layout: <path>/train/<class>/*.png (or .jpg, .bmp, .tif, .webp, ...) and "
+    "<path>/test/<class>/*.png (optionally inside one top-level "
     "folder), as a directory or a .tar/.tar.gz/.tgz file.")
 
 
@@ -76,8 +81,9 @@ def _folder_root(path: str) -> str:
                              f"{path!r}. {LAYOUT_HELP}")
 
 
-def _iter_dir(path: str, read: bool):
-  """Yields (split, class, file name, bytes|None) and (split, class, None, None) for class dirs."""
+def _iter_dir(path: str, read: bool, others: list[str] | None = None):
+  """Yields (split, class, file name, bytes|None) and (split, class, None, None) for class dirs;
+  appends ``split/class/name`` of every other (not hidden) file in a class dir to ``others``."""
   root = _folder_root(path)
   base = os.path.join(path, root)
   for split in SPLITS:
@@ -91,7 +97,10 @@ def _iter_dir(path: str, read: bool):
       yield split, cls, None, None
       for fname in sorted(os.listdir(cdir)):
         fpath = os.path.join(cdir, fname)
-        if _is_image_name(fname) and os.path.isfile(fpath):
+        if not _is_image_name(fname):
+          if others is not None and not fname.startswith("."):
+            others.append(f"{split}/{cls}/{fname}")
+        elif os.path.isfile(fpath):
           blob = None
           if read:
             with open(fpath, "rb") as f:
@@ -99,7 +108,7 @@ def _iter_dir(path: str, read: bool):
           yield split, cls, fname, blob
 
 
-def _iter_tar(path: str, read: bool):
+def _iter_tar(path: str, read: bool, others: list[str] | None = None):
   """Same as _iter_dir for a tarball, in one sequential pass (no extraction).
 
   A truncated or corrupt archive raises DataError naming the file: a compressed one fails
@@ -107,13 +116,13 @@ def _iter_tar(path: str, read: bool):
   at the cut without a word) or a member's data is short.
   """
   try:
-    yield from _iter_tar_members(path, read)
+    yield from _iter_tar_members(path, read, others)
   except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
     raise DataError(f"The archive {path!r} is truncated or corrupt ({type(e).__name__}: {e}). "
                     f"Copy or download it again; nothing was loaded or cached.") from e
 
 
-def _iter_tar_members(path: str, read: bool):
+def _iter_tar_members(path: str, read: bool, others: list[str] | None):
   root = None
   seen: set[tuple[str, str]] = set()
   with tarfile.open(path, "r:*") as tar:
@@ -138,6 +147,9 @@ def _iter_tar_members(path: str, read: bool):
       is_class_dir = len(rest) == 2 and member.isdir()
       is_image = (len(rest) == 3 and member.isfile()
                   and _is_image_name(rest[2]))
+      if (others is not None and len(rest) == 3 and member.isfile() and not is_image
+          and not rest[2].startswith(".")):
+        others.append("/".join(rest))
       if (is_class_dir or is_image) and (rest[0], rest[1]) not in seen:
         seen.add((rest[0], rest[1]))
         yield rest[0], rest[1], None, None
@@ -162,11 +174,11 @@ def _tar_compression(path: str) -> str | None:
   return None
 
 
-def _iter_source(path: str, read: bool):
+def _iter_source(path: str, read: bool, others: list[str] | None = None):
   if os.path.isdir(path):
-    return _iter_dir(path, read)
+    return _iter_dir(path, read, others)
   if _is_tarball(path):
-    return _iter_tar(path, read)
+    return _iter_tar(path, read, others)
   if os.path.exists(path):
     raise DataError(f"Image folder path {path!r} is neither a directory nor "
                      f"a tar archive. {LAYOUT_HELP}")
@@ -212,8 +224,9 @@ def _tar_root(path: str) -> str:
 
 
 def _decode_image(blob: bytes) -> np.ndarray:
-  """Decodes one image: uint8 [H, W] for grayscale ('1', 'L', 'LA', and 16-bit 'I;16*' /
-  'I', whose high byte is kept, where PIL's convert would saturate at 255), else [H, W, 3]
+  """Decodes one image: uint8 [H, W] for grayscale ('1', 'L', 'LA', a palette image whose
+  pixels are all gray, and 16-bit 'I;16*' / 'I', whose high byte is kept, where PIL's convert
+  would saturate at 255), else [H, W, 3]
   RGB (PIL reads 16-bit colour PNGs as their high bytes itself, so both agree)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   with Image.open(io.BytesIO(blob)) as im:
@@ -228,7 +241,10 @@ def _decode_image(blob: bytes) -> np.ndarray:
                       "8- or 16-bit PNG")
     if im.mode in ("1", "L", "LA"):
       return np.asarray(im.convert("L"), dtype=np.uint8)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if im.mode in ("P", "PA") and (rgb == rgb[..., :1]).all():
+      return rgb[..., 0]  # A palette of grays (GIF has no grayscale mode): grayscale.
+    return rgb
 
 
 def _decode_folder(path: str):
@@ -237,7 +253,8 @@ def _decode_folder(path: str):
       s: [] for s in SPLITS}
   class_dirs: dict[str, set[str]] = {s: set() for s in SPLITS}
   bar = progress.Progress(f"decoding {os.path.basename(path)}", unit="img")
-  for split, cls, fname, blob in _iter_source(path, read=True):
+  others: list[str] = []
+  for split, cls, fname, blob in _iter_source(path, read=True, others=others):
     class_dirs[split].add(cls)
     if fname is None:
       continue
@@ -250,6 +267,12 @@ def _decode_folder(path: str):
     entries[split].append((cls, fname, img))
 
   bar.close()
+  if others:
+    exts = sorted({os.path.splitext(o)[1].lower() or "(none)" for o in others})
+    warnings.warn(f"Image folder {path!r}: {len(others)} file(s) in class folders are not "
+                  f"images this loader reads and were left out (e.g. {others[0]}; endings: "
+                  f"{', '.join(exts)}; images end in {', '.join(EXTENSIONS)}). Convert them or "
+                  f"move them out of the class folders.", stacklevel=2)
   for split in SPLITS:
     if not entries[split]:
       raise DatasetNotFoundError(

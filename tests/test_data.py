@@ -1,5 +1,6 @@
 """Tests for sovr_jax.data: embedded, image-folder and (mocked) TFDS sources, batching."""
 
+import io
 import os
 import pathlib
 import shutil
@@ -164,7 +165,7 @@ def test_argument_validation():
 
 
 def _make_folder(root, classes=("cat", "dog"), n=3, size=(8, 8), mode="RGB",
-                 ext="png", seed=0):
+                 ext="png", seed=0, **save_kw):
   """Writes root/<split>/<class>/<i>.<ext>; returns {split: (images, labels)}."""
   rng = np.random.default_rng(seed)
   expected = {}
@@ -176,7 +177,7 @@ def _make_folder(root, classes=("cat", "dog"), n=3, size=(8, 8), mode="RGB",
       for i in range(n):
         shape = size + ((3,) if mode == "RGB" else ())
         arr = rng.integers(0, 256, shape, dtype=np.uint8)
-        Image.fromarray(arr, mode=mode).save(d / f"{i:02d}.{ext}")
+        Image.fromarray(arr, mode=mode).save(d / f"{i:02d}.{ext}", **save_kw)
         imgs.append(arr if mode == "RGB" else arr[..., None])
         labels.append(label)
     expected[split] = (np.stack(imgs), np.asarray(labels, np.int32))
@@ -188,8 +189,10 @@ def test_image_folder_labels_pixels_and_cache(tmp_path, monkeypatch):
   expected = _make_folder(folder)
   (folder / "train" / "cat" / "notes.txt").write_text("ignored")
   cache = tmp_path / "cache"
-  ds = data.load_dataset("tiny", source="image_folder", path=str(folder),
-                         val_size=0, cache_dir=str(cache))
+  with pytest.warns(UserWarning, match=r"1 file\(s\) in class folders .* left out "
+                    r"\(e.g. train/cat/notes.txt; endings: .txt;"):
+    ds = data.load_dataset("tiny", source="image_folder", path=str(folder),
+                           val_size=0, cache_dir=str(cache))
   assert ds.class_names == ("cat", "dog") and ds.num_classes == 2
   assert ds.image_shape == (8, 8, 3)
   np.testing.assert_array_equal(ds.train_images, expected["train"][0])
@@ -258,6 +261,27 @@ def test_the_cache_follows_linked_class_folders_and_replaced_archives(tmp_path):
   shutil.copyfile(tars[1], tars[0])
   os.utime(tars[0], ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime kept
   np.testing.assert_array_equal(load(tars[0]), load(b))
+
+
+@pytest.mark.parametrize("ext", ["bmp", "tif", "webp", "gif", "ppm"])
+def test_image_folder_reads_what_pillow_reads(tmp_path, ext):
+  """Lossless formats beside PNG decode to the same pixels; a folder of them was left out
+  without a word (the loader read .png/.jpg/.jpeg only)."""
+  mode = "L" if ext == "gif" else "RGB"  # GIF is palette-based: 256 grays fit exactly.
+  expected = _make_folder(tmp_path / ext, ext=ext, mode=mode,
+                         lossless=True)  # WebP is lossy unless told; the others ignore it.
+  kw = dict(source="image_folder", val_size=0, cache_dir=str(tmp_path / "cache"))
+  ds = data.load_dataset(ext, path=str(tmp_path / ext), **kw)
+  assert ds.num_train == 6 and ds.num_test == 6
+  np.testing.assert_array_equal(ds.train_images, expected["train"][0])
+  tgz = tmp_path / f"{ext}.tar.gz"
+  with tarfile.open(tgz, "w:gz") as tar:
+    tar.add(tmp_path / ext, arcname=ext)
+    info = tarfile.TarInfo(f"{ext}/test/dog/Thumbs.db")
+    tar.addfile(info, io.BytesIO(b""))
+  with pytest.warns(UserWarning, match="e.g. test/dog/Thumbs.db; endings: .db;"):
+    from_tar = data.load_dataset(ext, path=str(tgz), **kw)
+  np.testing.assert_array_equal(from_tar.train_images, ds.train_images)
 
 
 def test_image_folder_tarball_with_top_level_folder(tmp_path):
