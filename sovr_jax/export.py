@@ -273,7 +273,7 @@ def export_workdir(workdir: str, out_dir: str, *, checkpoint: str = "best",
       "sovr_jax_version": sovr_jax.__version__,
       "versions": _versions(),
       "created": datetime.datetime.now().isoformat(timespec="seconds"),
-      "command": " ".join(sys.argv),
+      "command": rundir.command(),
   }
   if rb is not None:
     info["robustbench"] = rb

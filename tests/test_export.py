@@ -216,7 +216,9 @@ def test_export_cli_and_loading_without_jax(tiny_run, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "max relative logit difference" in proc.stdout
   with open(out / "model.json") as f:
-    assert json.load(f)["source"]["checkpoint"] == "latest"
+    info = json.load(f)
+  assert info["source"]["checkpoint"] == "latest"
+  assert info["command"].startswith("python -m sovr_jax.export --workdir ")  # as typed
 
   x = np.random.default_rng(0).uniform(size=(5, 1, 28, 28)).astype(np.float32)
   np.save(tmp_path / "x.npy", x)
