@@ -25,7 +25,8 @@ import numpy as np
 
 from sovr_jax import (checkpoint, config_lib, data, evaluate, jsonio, methods, metric_writers,
                       models, report, rundir, sharding, train)
-from sovr_jax.errors import ConfigError, Interrupted, TrainingDivergedError, WorkdirError
+from sovr_jax.errors import (CheckpointError, ConfigError, Interrupted, TrainingDivergedError,
+                             WorkdirError)
 
 def _is_main() -> bool:
   return jax.process_index() == 0
@@ -157,10 +158,10 @@ def resume_hazards(cfg: ml_collections.ConfigDict,
 
   * ``train.epochs`` under the cosine schedule, which spans the run: its lr would jump;
   * ``train.epochs`` for MAIL / GAIRAT with the default reweighting start, which is a share
-    of the epochs: it would stop reweighting and start again later;
-  * ``eval.pgd_steps`` / ``eval.step_size``, which score the validation PGD accuracy that
-    chooses the best checkpoint: later epochs would be ranked on another scale than the best
-    so far.
+    of the epochs: it would stop reweighting and start again later.
+
+  A new validation attack (``eval.pgd_steps``, ``eval.step_size``) is no hazard: the resume
+  scores the best checkpoint again with it (``_rescore_best``).
   """
   out = {}
   if "train.epochs" in diff:
@@ -176,11 +177,42 @@ def resume_hazards(cfg: ml_collections.ConfigDict,
                  f"also pass --config.{sec}.start_epoch={first} --allow_change={sec}.start_epoch")
     if why:
       out["train.epochs"] = "; ".join(why)
-  for f in ("eval.pgd_steps", "eval.step_size"):
-    if f in diff:
-      out[f] = ("it scores the validation PGD accuracy that chooses the best checkpoint, so "
-                "later epochs would be ranked on another scale than the best so far")
   return out
+
+
+def _val_setting(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The validation attack that scores ``best_val_pgd`` (saved with it in each checkpoint)."""
+  return {"pgd_steps": int(cfg.eval.pgd_steps), "step_size": float(report.eval_step_size(cfg))}
+
+
+def _rescore_best(cfg, ckpt: checkpoint.Checkpointer, state, meta: dict[str, Any], val_eval,
+                  ds: data.Dataset) -> None:
+  """A resume with another validation attack than the one that scored the best checkpoint
+  (or from a checkpoint that did not record it) scores the best checkpoint again with the new
+  one, so that later epochs are ranked against it on the same scale. Updates ``meta``."""
+  setting = _val_setting(cfg)
+  if meta["best_epoch"] <= 0 or meta.get("best_val_setting") == setting:
+    return
+  try:
+    best = ckpt.restore(jax.device_get(state), best=True)
+  except CheckpointError as e:
+    best = None
+    _log(f"WARNING: the best checkpoint could not be read ({e}).")
+  if best is None:
+    _log(f"The best-by-validation choice starts again from epoch {meta['epoch'] + 1}.")
+    meta.update(best_val_pgd=-1.0, best_epoch=-1)
+    meta.pop("best_val_setting", None)
+    return
+  b = best[0]
+  v = val_eval({"params": b.params, "batch_stats": b.batch_stats}, ds.val_images,
+               ds.val_labels, seed=cfg.seed)
+  name = lambda a: f"PGD-{a['pgd_steps']}, step {a['step_size']:g}"  # noqa: E731
+  before = meta.get("best_val_setting")
+  _log(f"The best checkpoint (epoch {meta['best_epoch']}) was scored by another validation "
+       f"attack ({name(before) if before else 'not recorded'}); with this one ({name(setting)}) "
+       f"its validation PGD accuracy is {v['pgd_acc']:.4f} (was {meta['best_val_pgd']:.4f}), "
+       f"and later epochs are ranked against that.")
+  meta.update(best_val_pgd=float(v["pgd_acc"]), best_val_setting=setting)
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
@@ -246,7 +278,8 @@ def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
   restored = ckpt.restore(state)
   if restored is not None:
     state, meta = restored
-    meta = {k: meta[k] for k in ("epoch", "best_val_pgd", "best_epoch")}
+    meta = {k: meta[k] for k in ("epoch", "best_val_pgd", "best_epoch", "best_val_setting")
+            if k in meta}
     _log(f"Resumed from {workdir} at step {int(state.step)} (epoch {meta['epoch']}).")
     if meta["epoch"] > t.epochs:
       raise WorkdirError(f"The run in {workdir} has trained {meta['epoch']} epochs, more than "
@@ -257,6 +290,7 @@ def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
            f"{os.path.join(workdir, rundir.BEST_DIR)} (a crash while it was saved?); the "
            f"best-by-validation choice starts again from epoch {meta['epoch'] + 1}.")
       meta.update(best_val_pgd=-1.0, best_epoch=-1)
+      meta.pop("best_val_setting", None)
   else:
     _refuse_orphans(workdir, ckpt)
   if _is_main():
@@ -274,6 +308,8 @@ def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
                                 step_size=report.eval_step_size(cfg), norm=cfg.attack.norm,
                                 pgd_steps=cfg.eval.pgd_steps, cw_steps=0,
                                 batch_size=report.eval_batch_size(cfg, ds, mesh))
+  if restored is not None and ds.num_val:
+    _rescore_best(cfg, ckpt, state, meta, val_eval, ds)
   hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
   _log(f"{cfg.method} | {cfg.model.name} (width {cfg.model.width}, "
        f"{models.count_params(state.params):,} params) | {ds.name}: {ds.num_train} train / "
@@ -342,7 +378,8 @@ def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
         v = val_eval(variables, ds.val_images, ds.val_labels, seed=cfg.seed)
         record.update({"val_clean_acc": v["clean_acc"], "val_pgd_acc": v["pgd_acc"]})
         if v["pgd_acc"] > meta["best_val_pgd"]:
-          meta.update(best_val_pgd=v["pgd_acc"], best_epoch=epoch + 1)
+          meta.update(best_val_pgd=v["pgd_acc"], best_epoch=epoch + 1,
+                      best_val_setting=_val_setting(cfg))
           is_best = True
       meta["epoch"] = epoch + 1
       writer.write(record)  # before the checkpoint: a resume drops lines past its step

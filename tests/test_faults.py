@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from sovr_jax import checkpoint, data, experiment, jsonio, rundir, train
+from sovr_jax import (checkpoint, data, evaluate, experiment, jsonio, report, rundir,
+                      sharding, train)
 from sovr_jax.errors import (CheckpointError, ConfigError, DataError, TrainingDivergedError,
                              WorkdirError)
 from tests import references
@@ -373,10 +374,42 @@ def test_a_resume_that_would_move_the_rest_of_the_run_is_refused(copy):
   assert "1 of 4, 3 of 8" in experiment.resume_hazards(gairat, {"train.epochs": (4, 8)})[
       "train.epochs"]
   changes = os.path.join(copy, rundir.CONFIG_CHANGES_FILE)
-  with pytest.raises(WorkdirError, match=r"eval.pgd_steps 3 -> 1 would change .* best "
-                                         r"checkpoint.*--allow_change=eval.pgd_steps"):
-    experiment.train_and_evaluate(_cfg(eval__pgd_steps=1), copy)
+  with pytest.raises(WorkdirError, match=r"train.epochs 2 -> 3 would change .*cosine.*"
+                                         r"--allow_change=train.epochs"):
+    experiment.train_and_evaluate(_cfg(train__epochs=3, train__schedule="cosine"), copy)
   assert not os.path.exists(changes)  # nothing recorded, nothing trained
+
+
+def test_a_new_validation_attack_scores_the_best_checkpoint_again(copy, capsys):
+  """eval.pgd_steps / eval.step_size may change at a resume: the best checkpoint is scored
+  again with the new validation attack, so later epochs are ranked against it on one scale
+  (they were ranked against the old attack's score), and the report gives that score."""
+  cfg = _cfg(train__epochs=3, eval__pgd_steps=1, eval__step_size=0.01)
+  best_state, best_meta = _restore(_cfg(), copy, best=True)
+  ds = experiment.load_data(cfg)
+  mesh = sharding.make_mesh()
+  evaluator = evaluate.Evaluator(
+      experiment.build_model(cfg, ds), mesh=mesh, eps=cfg.attack.eps, step_size=0.01,
+      norm=cfg.attack.norm, pgd_steps=1, cw_steps=0,
+      batch_size=report.eval_batch_size(cfg, ds, mesh))
+  expected = evaluator({"params": best_state.params, "batch_stats": best_state.batch_stats},
+                       ds.val_images, ds.val_labels, seed=cfg.seed)["pgd_acc"]
+  rep = experiment.train_and_evaluate(cfg, copy)
+  out = capsys.readouterr().out
+  assert (f"The best checkpoint (epoch {best_meta['best_epoch']}) was scored by another "
+          f"validation attack (PGD-3, step 0.025); with this one (PGD-1, step 0.01) its "
+          f"validation PGD accuracy is {expected:.4f} (was {best_meta['best_val_pgd']:.4f})"
+          in out), out
+  epoch3 = [r for r in rundir.read_metrics(copy) if r.get("epoch") == 3 and "val_pgd_acc" in r]
+  best = rep["test"]["best"]
+  if epoch3[0]["val_pgd_acc"] > expected:
+    assert best["epoch"] == 3 and best["val_pgd_acc"] == epoch3[0]["val_pgd_acc"]
+  else:
+    assert best["epoch"] == best_meta["best_epoch"] and best["val_pgd_acc"] == expected
+  _, meta = _restore(cfg, copy)
+  assert meta["best_val_setting"] == {"pgd_steps": 1, "step_size": 0.01}
+  assert rundir.read_config_changes(copy)[0]["changes"] == {
+      "train.epochs": [2, 3], "eval.pgd_steps": [3, 1], "eval.step_size": [0.0, 0.01]}
 
 
 def test_torn_last_metrics_line_is_dropped_and_the_run_resumes(copy, capsys):
