@@ -208,10 +208,12 @@ def _rescore_best(cfg, ckpt: checkpoint.Checkpointer, state, meta: dict[str, Any
                ds.val_labels, seed=cfg.seed)
   name = lambda a: f"PGD-{a['pgd_steps']}, step {a['step_size']:g}"  # noqa: E731
   before = meta.get("best_val_setting")
-  _log(f"The best checkpoint (epoch {meta['best_epoch']}) was scored by another validation "
-       f"attack ({name(before) if before else 'not recorded'}); with this one ({name(setting)}) "
-       f"its validation PGD accuracy is {v['pgd_acc']:.4f} (was {meta['best_val_pgd']:.4f}), "
-       f"and later epochs are ranked against that.")
+  _log(f"The best checkpoint (epoch {meta['best_epoch']}) "
+       + (f"was scored by another validation attack ({name(before)})" if before else
+          "does not record the validation attack that scored it")
+       + f"; with this run's ({name(setting)}) its validation PGD accuracy is "
+       f"{v['pgd_acc']:.4f} (was {meta['best_val_pgd']:.4f}), and later epochs are ranked "
+       f"against that.")
   meta.update(best_val_pgd=float(v["pgd_acc"]), best_val_setting=setting)
 
 

@@ -397,7 +397,7 @@ def test_a_new_validation_attack_scores_the_best_checkpoint_again(copy, capsys):
   rep = experiment.train_and_evaluate(cfg, copy)
   out = capsys.readouterr().out
   assert (f"The best checkpoint (epoch {best_meta['best_epoch']}) was scored by another "
-          f"validation attack (PGD-3, step 0.025); with this one (PGD-1, step 0.01) its "
+          f"validation attack (PGD-3, step 0.025); with this run's (PGD-1, step 0.01) its "
           f"validation PGD accuracy is {expected:.4f} (was {best_meta['best_val_pgd']:.4f})"
           in out), out
   epoch3 = [r for r in rundir.read_metrics(copy) if r.get("epoch") == 3 and "val_pgd_acc" in r]
