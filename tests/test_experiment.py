@@ -189,3 +189,43 @@ def test_steps_per_dispatch_gives_the_same_run(tiny_run, tmp_path):
   assert int(a.step) == int(b.step) == 16
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_rescoring_the_best_checkpoint_without_a_recorded_attack_or_readable_checkpoint(capsys):
+  """_rescore_best on a checkpoint of the code before 2026-12-03 (no best_val_setting: scored
+  once with this run's attack), on one that recorded this attack (nothing to do), and when the
+  best checkpoint cannot be read (the best-by-validation choice starts again)."""
+  import types  # pylint: disable=import-outside-toplevel
+  from sovr_jax.errors import CheckpointError  # pylint: disable=import-outside-toplevel
+  cfg = tiny.get_config()
+  ds = types.SimpleNamespace(val_images="x", val_labels="y")
+  best_state = types.SimpleNamespace(params="p", batch_stats="b")
+  calls = []
+
+  def val_eval(variables, images, labels, seed):
+    calls.append((variables, images, labels, seed))
+    return {"pgd_acc": 0.25}
+
+  class Ckpt:
+    def __init__(self, fail=False):
+      self.fail = fail
+
+    def restore(self, target, best):
+      assert best
+      if self.fail:
+        raise CheckpointError("no readable best checkpoint")
+      return best_state, {}
+
+  meta = {"epoch": 4, "best_epoch": 3, "best_val_pgd": 0.5}
+  experiment._rescore_best(cfg, Ckpt(), None, meta, val_eval, ds)
+  assert calls == [({"params": "p", "batch_stats": "b"}, "x", "y", cfg.seed)]
+  assert meta == {"epoch": 4, "best_epoch": 3, "best_val_pgd": 0.25,
+                  "best_val_setting": experiment._val_setting(cfg)}
+  assert "does not record the validation attack that scored it; with this run's (PGD-3, " \
+         "step 0.025) its validation PGD accuracy is 0.2500 (was 0.5000)" in capsys.readouterr().out
+  experiment._rescore_best(cfg, Ckpt(fail=True), None, meta, val_eval, ds)  # recorded: no call
+  assert len(calls) == 1 and meta["best_val_pgd"] == 0.25
+  meta.pop("best_val_setting")
+  experiment._rescore_best(cfg, Ckpt(fail=True), None, meta, val_eval, ds)
+  assert meta == {"epoch": 4, "best_epoch": -1, "best_val_pgd": -1.0} and len(calls) == 1
+  assert "starts again from epoch 5" in capsys.readouterr().out
