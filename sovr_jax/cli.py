@@ -18,6 +18,7 @@ import sys
 import threading
 from typing import Any, Callable, NoReturn, Sequence
 
+from sovr_jax import signals
 from sovr_jax.errors import Interrupted, SovrError
 
 EXIT_USER_ERROR = 2
@@ -29,11 +30,6 @@ _WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "a re
 def fail(message: str, status: int = EXIT_USER_ERROR) -> NoReturn:
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(status)
-
-
-def _terminated(signum, frame) -> NoReturn:
-  del frame
-  raise Interrupted(f"stopped by {signal.Signals(signum).name}.", 128 + signum)
 
 
 def write_error(e: OSError) -> str | None:
@@ -53,9 +49,12 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   def wrapper(*args, **kwargs):
     main_thread = threading.current_thread() is threading.main_thread()  # signals: main only
-    previous = signal.getsignal(signal.SIGTERM)
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.getsignal(s) for s in stops]
     if main_thread:
-      signal.signal(signal.SIGTERM, _terminated)
+      signals.clear()
+      for s in stops:
+        signal.signal(s, signals.handle)
     try:
       return fn(*args, **kwargs)
     except Interrupted as e:
@@ -71,7 +70,9 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
       fail(message)
     finally:
       if main_thread:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in zip(stops, previous):
+          signal.signal(s, handler)
+        signals.clear()
   wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
   return wrapper
 

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from sovr_jax import (checkpoint, config_lib, data, evaluate, jsonio, methods, metric_writers,
-                      models, report, rundir, sharding, train)
+                      models, report, rundir, sharding, signals, train)
 from sovr_jax.errors import (CheckpointError, ConfigError, Interrupted, TrainingDivergedError,
                              WorkdirError)
 
@@ -366,6 +366,7 @@ def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
           flush(epoch + 1)
         if bar is not None:
           bar.update(len(group))
+        signals.raise_if_stopped()  # a signal whose exception a finalizer swallowed
       flush(epoch + 1)
       jax.block_until_ready(state)
       epoch_time = time.time() - t0

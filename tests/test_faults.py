@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from unittest import mock
 
 import jax
 import numpy as np
@@ -669,3 +670,42 @@ def test_16_bit_grayscale_png_keeps_its_values(tmp_path):
   assert ds.train_images.max() > 250 and ds.train_images.min() < 5
   assert (ds.train_images == 255).mean() < 0.05  # no saturation
   np.testing.assert_array_equal(ds.train_images[0, ..., 0], want[("train", "a", 0)])
+
+
+def test_a_signal_whose_exception_a_finalizer_swallowed_still_stops_training(tmp_path, capsys,
+                                                                           monkeypatch):
+  """SIGINT arriving while Python runs a finalizer: the handler's exception is printed as
+  "Exception ignored" and lost (a CI run trained to its end and exited 0 after a SIGINT just
+  after its first checkpoint). The recorded signal stops the loop at its next step, with the
+  same message and status, and a resume finishes the run."""
+  from sovr_jax import cli, signals  # pylint: disable=import-outside-toplevel
+
+  class SwallowsTheSignal:
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGINT)  # raised in here, so Python can only print it
+
+  saves = []
+  real_save = checkpoint.Checkpointer.save
+
+  def save(self, *args, **kwargs):
+    real_save(self, *args, **kwargs)
+    saves.append(1)
+    if len(saves) == 1:
+      SwallowsTheSignal()  # collected at once: its __del__ runs here
+
+  lost = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: lost.append(u.exc_type))
+  workdir = str(tmp_path / "w")
+  run = cli.guarded(lambda: experiment.train_and_evaluate(_cfg(train__epochs=3), workdir))
+  with mock.patch.object(checkpoint.Checkpointer, "save", save):
+    with pytest.raises(SystemExit) as e:
+      run()
+  err = capsys.readouterr().err
+  assert lost and issubclass(lost[0], KeyboardInterrupt)  # the handler's exception was lost
+  assert e.value.code == 128 + signal.SIGINT
+  assert "error: interrupted (SIGINT). Training stopped in epoch 2." in err
+  assert checkpoint.Checkpointer(workdir).latest_step() == 8
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  signals.raise_if_stopped()  # and the record cleared
+  experiment.train_and_evaluate(_cfg(train__epochs=3), workdir)
+  assert [r["epoch"] for r in rundir.read_metrics(workdir) if "epoch_time_s" in r] == [1, 2, 3]
