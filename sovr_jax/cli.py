@@ -60,7 +60,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     except Interrupted as e:
       fail(str(e), e.exit_status)
     except KeyboardInterrupt:
-      fail("interrupted (SIGINT).", 128 + signal.SIGINT)
+      e = signals.interrupted(signal.SIGINT)  # a SIGINT not through our handler
+      fail(str(e), e.exit_status)
     except SovrError as e:
       fail(str(e))
     except OSError as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import time
 from typing import Any, Sequence
 
@@ -185,6 +186,15 @@ def _val_setting(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   return {"pgd_steps": int(cfg.eval.pgd_steps), "step_size": float(report.eval_step_size(cfg))}
 
 
+def _forget_best(meta: dict[str, Any], why: str) -> None:
+  """The best checkpoint ``why`` (is missing, cannot be read): the best-by-validation choice
+  starts again from the next epoch. Updates ``meta``."""
+  _log(f"WARNING: the best checkpoint (epoch {meta['best_epoch']}) {why}; the "
+       f"best-by-validation choice starts again from epoch {meta['epoch'] + 1}.")
+  meta.update(best_val_pgd=-1.0, best_epoch=-1)
+  meta.pop("best_val_setting", None)
+
+
 def _rescore_best(cfg, ckpt: checkpoint.Checkpointer, state, meta: dict[str, Any], val_eval,
                   ds: data.Dataset) -> None:
   """A resume with another validation attack than the one that scored the best checkpoint
@@ -196,12 +206,10 @@ def _rescore_best(cfg, ckpt: checkpoint.Checkpointer, state, meta: dict[str, Any
   try:
     best = ckpt.restore(jax.device_get(state), best=True)
   except CheckpointError as e:
-    best = None
-    _log(f"WARNING: the best checkpoint could not be read ({e}).")
+    _forget_best(meta, f"could not be read ({e})")
+    return
   if best is None:
-    _log(f"The best-by-validation choice starts again from epoch {meta['epoch'] + 1}.")
-    meta.update(best_val_pgd=-1.0, best_epoch=-1)
-    meta.pop("best_val_setting", None)
+    _forget_best(meta, "is gone")
     return
   b = best[0]
   v = val_eval({"params": b.params, "batch_stats": b.batch_stats}, ds.val_images,
@@ -288,11 +296,8 @@ def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
                          f"train.epochs={t.epochs}; pass at least --config.train.epochs="
                          f"{meta['epoch']}.")
     if meta["best_epoch"] > 0 and not ckpt.best_steps():
-      _log(f"WARNING: the best checkpoint (epoch {meta['best_epoch']}) is not in "
-           f"{os.path.join(workdir, rundir.BEST_DIR)} (a crash while it was saved?); the "
-           f"best-by-validation choice starts again from epoch {meta['epoch'] + 1}.")
-      meta.update(best_val_pgd=-1.0, best_epoch=-1)
-      meta.pop("best_val_setting", None)
+      _forget_best(meta, f"is not in {os.path.join(workdir, rundir.BEST_DIR)} (a crash while "
+                         f"it was saved?)")
   else:
     _refuse_orphans(workdir, ckpt)
   if _is_main():
@@ -400,7 +405,7 @@ def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
             is None else f"The newest checkpoint is step {last} in {workdir}/"
             f"{rundir.CHECKPOINTS_DIR}; the same command resumes from it (the steps after it "
             f"are trained again).")
-    raise Interrupted(f"{str(e) or 'interrupted (SIGINT).'} Training stopped in epoch "
+    raise Interrupted(f"{str(e) or signals.interrupted(signal.SIGINT)} Training stopped in epoch "
                       f"{int(meta['epoch']) + 1}. {kept}",
                       getattr(e, "exit_status", 130)) from None
   finally:

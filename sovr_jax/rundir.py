@@ -329,7 +329,7 @@ def start_or_resume(workdir: str, config: dict[str, Any], defaults: dict[str, An
   and the fields in ``allow`` (an explicit request, e.g. a lower train.lr after a
   divergence) may change, and each such change is appended to W/config_changes.jsonl.
   ``guard(diff)`` names, with a reason, the fields of ``RESUMABLE_FIELDS`` that would change
-  this run's remaining steps or its choice of the best checkpoint (e.g. more epochs under a
+  this run's remaining steps (e.g. more epochs under a
   cosine schedule); those, too, change only when named in ``allow``. A torn
   config.json is moved aside and rebuilt from the config saved in the newest checkpoint.
 
@@ -379,8 +379,8 @@ def start_or_resume(workdir: str, config: dict[str, Any], defaults: dict[str, An
   if moved:
     raise WorkdirError(
         f"Workdir {workdir}: resuming with " + "; ".join(
-            f"{k} {diff[k][0]!r} -> {diff[k][1]!r} would change what this run trains or how "
-            f"it chooses its best checkpoint: {why}" for k, why in moved.items())
+            f"{k} {diff[k][0]!r} -> {diff[k][1]!r} would change the rest of this run: {why}"
+            for k, why in moved.items())
         + f". Use a new --workdir, or pass --allow_change={','.join(moved)} to accept it "
         f"(the change is recorded).")
   refused = {k: v for k, v in diff.items() if not _resumable(k, allow)}

@@ -3,10 +3,11 @@
 :func:`sovr_jax.cli.guarded` turns SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) into
 :class:`sovr_jax.errors.Interrupted`, raised in the main thread at its next bytecode. When that
 bytecode runs in a finalizer or in a callback from C (Orbax and tensorstore run both around a
-checkpoint save), Python prints the exception as "Exception ignored" and goes on: a CI run
-once saw a training run that got SIGINT just after its first checkpoint train to its end and
-exit 0. So the handler also records the signal here, and the training loop calls
-:func:`raise_if_stopped` after each dispatch. The record is process-wide, as signals are.
+checkpoint save), Python prints the exception as "Exception ignored" and goes on: in a
+clean-clone run of ``.ci/run`` (2026-12-03) a training run that got SIGINT just after its
+first checkpoint trained to its end and exited 0. So the handler also records the signal
+here, and the training loop calls :func:`raise_if_stopped` after each dispatch. The record is
+process-wide, as signals are.
 """
 
 from __future__ import annotations

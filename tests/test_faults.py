@@ -360,8 +360,7 @@ def test_resume_with_more_epochs_is_recorded(copy):
 
 def test_a_resume_that_would_move_the_rest_of_the_run_is_refused(copy):
   """More epochs keep the steps taken, but under a cosine schedule the lr would jump, and for
-  MAIL / GAIRAT the default reweighting start (a share of the epochs) would move; a new
-  validation attack would rank later epochs against the best on another scale. Each is
+  MAIL / GAIRAT the default reweighting start (a share of the epochs) would move. Each is
   refused unless named in --allow_change."""
   cos = _cfg(train__schedule="cosine")
   assert "cosine" in experiment.resume_hazards(cos, {"train.epochs": (4, 8)})["train.epochs"]
@@ -675,9 +674,9 @@ def test_16_bit_grayscale_png_keeps_its_values(tmp_path):
 def test_a_signal_whose_exception_a_finalizer_swallowed_still_stops_training(tmp_path, capsys,
                                                                            monkeypatch):
   """SIGINT arriving while Python runs a finalizer: the handler's exception is printed as
-  "Exception ignored" and lost (a CI run trained to its end and exited 0 after a SIGINT just
-  after its first checkpoint). The recorded signal stops the loop at its next step, with the
-  same message and status, and a resume finishes the run."""
+  "Exception ignored" and lost (in a clean-clone .ci/run, a run that got SIGINT just after its
+  first checkpoint trained to its end and exited 0). The recorded signal stops the loop at its
+  next step, with the same message and status, and a resume finishes the run."""
   from sovr_jax import cli, signals  # pylint: disable=import-outside-toplevel
 
   class SwallowsTheSignal:
