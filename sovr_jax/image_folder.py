@@ -5,7 +5,7 @@ NHWC images, labels the class folders sorted by name. A tarball is read in one s
 without extraction; a truncated or corrupt archive, an empty class folder, a class missing from
 a split or images of different sizes are a DataError naming the problem. Images are the
 files named ``EXTENSIONS`` (what Pillow reads); any other file in a class folder is left out
-with one warning that counts them. The decoded arrays
+with one warning that counts them, given again on every load from the cache. The decoded arrays
 are cached as an ``.npz`` in ``cache_dir`` keyed by the source's path, size and mtime, written
 only after every image decoded (nothing partial is ever cached).
 """
@@ -31,8 +31,9 @@ SPLITS = ("train", "test")
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
               ".pgm")
 # 2: 16-bit grayscale images keep their high byte (1 saturated them); 3: BMP, GIF, TIFF, WebP
-# and PPM/PGM are read too (2 left them out without a word).
-CACHE_VERSION = 3
+# and PPM/PGM are read too (2 left them out without a word); 4: the warning about files left
+# out is cached with the arrays, and their names are part of a directory's key.
+CACHE_VERSION = 4
 
 LAYOUT_HELP = (
     "Expected layout: <path>/train/<class>/*.png (or .jpg, .bmp, .tif, .webp, ...) and "
@@ -247,8 +248,19 @@ def _decode_image(blob: bytes) -> np.ndarray:
     return rgb
 
 
+def _left_out_warning(path: str, others: list[str]) -> str:
+  """The warning about files in class folders that are not images, or "" when there are none."""
+  if not others:
+    return ""
+  exts = sorted({os.path.splitext(o)[1].lower() or "(none)" for o in others})
+  return (f"Image folder {path!r}: {len(others)} file(s) in class folders are not "
+          f"images this loader reads and were left out (e.g. {others[0]}; endings: "
+          f"{', '.join(exts)}; images end in {', '.join(EXTENSIONS)}). Convert them or "
+          f"move them out of the class folders.")
+
+
 def _decode_folder(path: str):
-  """Decodes every image; returns ((x_tr, y_tr, x_te, y_te), class_names)."""
+  """Decodes every image; returns ((x_tr, y_tr, x_te, y_te), class_names, left-out warning)."""
   entries: dict[str, list[tuple[str, str, np.ndarray]]] = {
       s: [] for s in SPLITS}
   class_dirs: dict[str, set[str]] = {s: set() for s in SPLITS}
@@ -267,12 +279,6 @@ def _decode_folder(path: str):
     entries[split].append((cls, fname, img))
 
   bar.close()
-  if others:
-    exts = sorted({os.path.splitext(o)[1].lower() or "(none)" for o in others})
-    warnings.warn(f"Image folder {path!r}: {len(others)} file(s) in class folders are not "
-                  f"images this loader reads and were left out (e.g. {others[0]}; endings: "
-                  f"{', '.join(exts)}; images end in {', '.join(EXTENSIONS)}). Convert them or "
-                  f"move them out of the class folders.", stacklevel=2)
   for split in SPLITS:
     if not entries[split]:
       raise DatasetNotFoundError(
@@ -318,24 +324,27 @@ def _decode_folder(path: str):
       imgs.append(im)
     out.append(np.stack(imgs).astype(np.uint8))
     out.append(np.asarray([label_of[e[0]] for e in items], dtype=np.int32))
-  return tuple(out), class_names
+  return tuple(out), class_names, _left_out_warning(path, others)
 
 
 def _source_key(path: str) -> str:
   """Identifies the source's contents: path, and the size, mtime and ctime of the archive or of
-  every image the loader reads (class folders that are links followed, as the loader does).
+  every image the loader reads (class folders that are links followed, as the loader does), and
+  the names of the other files in a directory's class folders (their warning is cached).
   The ctime changes with every copy, so an archive replaced by one of the same size whose
   mtime was kept (``cp -p``, ``rsync -a``) is decoded again."""
   h = hashlib.sha256()
   h.update(f"v{CACHE_VERSION}\0{path}\0".encode())
   if os.path.isdir(path):
     base = os.path.join(path, _folder_root(path))
-    for split, cls, fname, _ in _iter_dir(path, read=False):
+    others: list[str] = []
+    for split, cls, fname, _ in _iter_dir(path, read=False, others=others):
       if fname is None:
         continue
       st = os.stat(os.path.join(base, split, cls, fname))
       h.update(f"{split}/{cls}/{fname}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0"
                .encode())
+    h.update("\0".join(["others"] + sorted(others)).encode())
   else:
     st = os.stat(path)
     h.update(f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0".encode())
@@ -359,12 +368,13 @@ def _read_cache(cache_file: str, key: str):
         return None
       arrays = tuple(z[k] for k in _CACHE_ARRAYS)
       class_names = tuple(str(c) for c in z["class_names"])
+      left_out = str(z["left_out"])
   except (OSError, KeyError, ValueError, EOFError):
     return None
-  return arrays, class_names
+  return arrays, class_names, left_out
 
 
-def _write_cache(cache_file: str, key: str, arrays, class_names) -> None:
+def _write_cache(cache_file: str, key: str, arrays, class_names, left_out: str) -> None:
   cache_dir = os.path.dirname(cache_file)
   tmp = None
   try:
@@ -372,7 +382,7 @@ def _write_cache(cache_file: str, key: str, arrays, class_names) -> None:
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".npz")
     with os.fdopen(fd, "wb") as f:
       np.savez(f, key=np.asarray(key), class_names=np.asarray(class_names),
-               **dict(zip(_CACHE_ARRAYS, arrays)))
+               left_out=np.asarray(left_out), **dict(zip(_CACHE_ARRAYS, arrays)))
     os.replace(tmp, cache_file)
     tmp = None
   except OSError as e:
@@ -388,8 +398,10 @@ def load(path: str, cache_dir: str | None):
   key = _source_key(path)
   cache_file = _cache_file(path, key, cache_dir)
   cached = _read_cache(cache_file, key) if os.path.exists(cache_file) else None
-  if cached is not None:
-    return cached
-  arrays, class_names = _decode_folder(path)
-  _write_cache(cache_file, key, arrays, class_names)
+  if cached is None:
+    cached = _decode_folder(path)
+    _write_cache(cache_file, key, *cached)
+  arrays, class_names, left_out = cached
+  if left_out:
+    warnings.warn(left_out, stacklevel=2)
   return arrays, class_names

@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import tarfile
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -214,8 +215,9 @@ def test_image_folder_labels_pixels_and_cache(tmp_path, monkeypatch):
     raise AssertionError("decoder called although the cache is valid")
 
   monkeypatch.setattr(image_folder, "_decode_image", fail)
-  again = data.load_dataset("tiny", source="image_folder", path=str(folder),
-                            val_size=2, seed=1, cache_dir=str(cache))
+  with pytest.warns(UserWarning, match=r"1 file\(s\) .* left out \(e.g. train/cat/notes.txt"):
+    again = data.load_dataset("tiny", source="image_folder", path=str(folder),  # said again
+                              val_size=2, seed=1, cache_dir=str(cache))
   assert (again.num_train, again.num_val) == (4, 2)
   np.testing.assert_array_equal(again.test_images, expected["test"][0][order])
 
@@ -226,6 +228,18 @@ def test_image_folder_labels_pixels_and_cache(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="decoder called"):
     data.load_dataset("tiny", source="image_folder", path=str(folder),
                       val_size=0, cache_dir=str(cache))
+
+  # Moving the other file out changes the key too: its warning is not repeated from the cache.
+  monkeypatch.undo()
+  with pytest.warns(UserWarning, match="notes.txt"):
+    data.load_dataset("tiny", source="image_folder", path=str(folder), val_size=0,
+                      cache_dir=str(cache))
+  (folder / "train" / "cat" / "notes.txt").unlink()
+  for _ in range(2):  # decoded, then from the cache
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      data.load_dataset("tiny", source="image_folder", path=str(folder), val_size=0,
+                        cache_dir=str(cache))
 
 
 def test_the_cache_follows_linked_class_folders_and_replaced_archives(tmp_path):
