@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 from typing import Any
 
 import jax
@@ -18,6 +19,27 @@ import jax
 from sovr_jax import jsonio, rundir
 
 _NOT_SCALARS = ("step", "epoch")
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter (None without tensorboardX), imported without torch.
+
+  ``tensorboardX.writer`` runs ``import torch`` when it is imported, only to accept torch
+  tensors as values: 2 s on a CPU, a CUDA torch loaded beside jax on a GPU, in every training
+  run. We write floats, so torch is kept out while tensorboardX is imported (where torch is
+  not imported yet) and importable again right after.
+  """
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, as without torch.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  finally:
+    if blocked and sys.modules.get("torch", False) is None:
+      del sys.modules["torch"]
+  return SummaryWriter
 
 
 class MetricWriter:
@@ -28,10 +50,7 @@ class MetricWriter:
     self._main = jax.process_index() == 0
     self._tb = None
     if self._main and tensorboard:
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      except ImportError:
-        SummaryWriter = None  # pylint: disable=invalid-name
+      SummaryWriter = _summary_writer_class()  # pylint: disable=invalid-name
       if SummaryWriter is not None:
         self._tb = SummaryWriter(os.path.join(workdir, rundir.TENSORBOARD_DIR))
 
