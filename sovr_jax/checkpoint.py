@@ -186,6 +186,17 @@ class Checkpointer:
           state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(meta)))
       mngr.wait_until_finished()
 
+  def close(self) -> None:
+    """Waits for outstanding saves and stops Orbax's threads."""
+    for mngr in (self._best, self._latest):
+      mngr.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
 
