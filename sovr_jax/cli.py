@@ -43,6 +43,28 @@ def write_error(e: OSError) -> str | None:
           f"again.")
 
 
+def _finish_device_work() -> None:
+  """Waits for the computations and host copies that a signal's exception left in flight.
+
+  The exception can land between ``jax.device_get``'s start of the copies and its wait for
+  them; a copy that completes while Python shuts down needs the interpreter, and jax 0.11.2
+  then aborted the process ("terminate called without an active exception", status -6
+  instead of 128 + the signal; seen on this CPU with the GPU machine's versions). Reading
+  every live array to the host waits for those copies (and costs one copy of what is on the
+  device, at a stop only)."""
+  jax = sys.modules.get("jax")
+  if jax is None:
+    return
+  for a in jax.live_arrays():
+    try:
+      if not a.is_deleted():
+        a.block_until_ready()
+        if a.is_fully_addressable:
+          a.__array__()
+    except Exception:  # pylint: disable=broad-except  # a failed computation: nothing pending
+      pass
+
+
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
   """``fn`` with SovrError and unwritable paths turned into ``error: ...`` and exit status 2,
   and SIGINT / SIGTERM into one line and status 130 / 143."""
@@ -51,15 +73,21 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     main_thread = threading.current_thread() is threading.main_thread()  # signals: main only
     stops = (signal.SIGINT, signal.SIGTERM)
     previous = [signal.getsignal(s) for s in stops]
+    previous_hook = sys.unraisablehook
     if main_thread:
       signals.clear()
       for s in stops:
         signal.signal(s, signals.handle)
+      sys.unraisablehook = signals.unraisable_hook(previous_hook)
     try:
-      return fn(*args, **kwargs)
+      result = fn(*args, **kwargs)
+      signals.raise_if_stopped()  # a signal that a finalizer swallowed after the last check
+      return result
     except Interrupted as e:
+      _finish_device_work()
       fail(str(e), e.exit_status)
     except KeyboardInterrupt:
+      _finish_device_work()
       e = signals.interrupted(signal.SIGINT)  # a SIGINT not through our handler
       fail(str(e), e.exit_status)
     except SovrError as e:
@@ -73,6 +101,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
       if main_thread:
         for s, handler in zip(stops, previous):
           signal.signal(s, handler)
+        sys.unraisablehook = previous_hook
         signals.clear()
   wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
   return wrapper

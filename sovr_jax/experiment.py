@@ -12,6 +12,7 @@ resumes; see docs/reliability.md for what survives what.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -277,13 +278,22 @@ def _refuse_orphans(workdir: str, ckpt: checkpoint.Checkpointer) -> None:
 
 
 def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
+  """Trains and reports; the checkpointer's and the metric writer's threads are closed however
+  it ends. (A TensorBoard writer left open started a thread at exit, which Python 3.12
+  refuses: a run stopped by a signal printed "Exception ignored in atexit callback".)"""
+  with contextlib.ExitStack() as cleanup:
+    ckpt = cleanup.enter_context(checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep))
+    return _train_loop(cfg, workdir, setup, changes, t_start, ckpt, cleanup)
+
+
+def _train_loop(cfg, workdir, setup: _Setup, changes, t_start, ckpt: checkpoint.Checkpointer,
+                cleanup: contextlib.ExitStack) -> dict[str, Any]:
   ds, mesh, model, t = setup.ds, setup.mesh, setup.model, cfg.train
   steps_per_epoch = setup.steps_per_epoch
   step_rng, eval_rng = setup.rngs
   # Replicated before the restore, so that Orbax reads the checkpoint straight into
   # the global arrays (on every process when there are several).
   state = sharding.replicate(setup.state, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep)
   meta = {"epoch": 0, "best_val_pgd": -1.0, "best_epoch": -1}
   restored = ckpt.restore(state)
   if restored is not None:
@@ -302,7 +312,7 @@ def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
     _refuse_orphans(workdir, ckpt)
   if _is_main():
     rundir.truncate_metrics(workdir, int(state.step), log=_log)
-  writer = metric_writers.MetricWriter(workdir)
+  writer = cleanup.enter_context(contextlib.closing(metric_writers.MetricWriter(workdir)))
 
   state = sharding.replicate(state, mesh)  # a no-op unless the restore changed shardings
   step = train.make_train_step(
@@ -422,6 +432,5 @@ def _train(cfg, workdir, setup: _Setup, changes, t_start) -> dict[str, Any]:
   final = rep["test"]["final"]
   writer.write_hparams(cfg.to_dict(), {k: final[k] for k in ("clean_acc", "pgd_acc", "cw_acc")
                                        if k in final})
-  writer.close()
   return rep
 

@@ -41,3 +41,16 @@ def raise_if_stopped() -> None:
   """Raises the first recorded signal's exception again, if one was recorded."""
   if _received:
     raise interrupted(_received[0])
+
+
+def unraisable_hook(previous):
+  """A ``sys.unraisablehook`` that drops the exception of a recorded stop signal (a finalizer
+  or a callback from C swallowed it, and Python would print it as "Exception ignored" with a
+  traceback; :func:`raise_if_stopped` raises it again) and passes anything else to
+  ``previous``."""
+
+  def hook(unraisable) -> None:
+    if isinstance(unraisable.exc_value, Interrupted) and _received:
+      return
+    previous(unraisable)
+  return hook

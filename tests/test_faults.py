@@ -480,6 +480,29 @@ def test_a_signal_stops_training_with_one_message_and_the_run_resumes(tmp_path, 
     assert done == list(range(1, epochs + 1))
 
 
+def test_a_signal_before_the_first_checkpoint_is_one_message(tmp_path):
+  """SIGTERM as training starts (its TensorBoard writer open, steps in flight): status 143 and
+  the one line, nothing else. Seen before 2026-12-03 with the GPU machine's versions (Python
+  3.12, jax 0.11.2): "Exception ignored in atexit callback" from the writer left open (3.12
+  refuses its thread at exit), "Exception ignored in: _xla_gc_callback" from the signal's
+  exception swallowed in a callback, and after the first checkpoint an abort (status -6,
+  "terminate called without an active exception") from a copy to the host still in flight."""
+  workdir = str(tmp_path / "w")
+  proc = subprocess.Popen([sys.executable, "-m", "sovr_jax.main", "--config", "configs/tiny.py",
+                           "--workdir", workdir, "--config.train.epochs=40"], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and not os.path.exists(
+      os.path.join(workdir, rundir.TENSORBOARD_DIR)):
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before the signal"
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  lines = [ln for ln in err.splitlines() if "it/s" not in ln and "s/it" not in ln and ln.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: stopped by SIGTERM."), err[-3000:]
+
+
 def test_a_workdir_whose_checkpoints_were_deleted_is_refused(copy):
   """best/ and report.json of a run whose checkpoints/ is gone: training again from step 0
   would report the old best model as the new run's; refused, and nothing is touched."""
@@ -692,8 +715,17 @@ def test_a_signal_whose_exception_a_finalizer_swallowed_still_stops_training(tmp
     if len(saves) == 1:
       SwallowsTheSignal()  # collected at once: its __del__ runs here
 
-  lost, handler = [], signal.getsignal(signal.SIGINT)  # SIG_IGN in pytest-xdist's workers
-  monkeypatch.setattr(sys, "unraisablehook", lambda u: lost.append(u.exc_type))
+  lost, printed = [], []
+  handler = signal.getsignal(signal.SIGINT)  # SIG_IGN in pytest-xdist's workers
+  real_hook = signals.unraisable_hook
+
+  def hook(previous):  # what guarded installs, watched
+    quiet = real_hook(previous)
+    return lambda u: (lost.append(u.exc_type), quiet(u))
+
+  monkeypatch.setattr(signals, "unraisable_hook", hook)
+  print_hook = lambda u: printed.append(u.exc_type)  # noqa: E731  Python's would print it
+  monkeypatch.setattr(sys, "unraisablehook", print_hook)
   workdir = str(tmp_path / "w")
   run = cli.guarded(lambda: experiment.train_and_evaluate(_cfg(train__epochs=3), workdir))
   with mock.patch.object(checkpoint.Checkpointer, "save", save):
@@ -701,10 +733,12 @@ def test_a_signal_whose_exception_a_finalizer_swallowed_still_stops_training(tmp
       run()
   err = capsys.readouterr().err
   assert lost and issubclass(lost[0], KeyboardInterrupt)  # the handler's exception was lost
+  assert not printed and "Exception ignored" not in err  # and not printed as a traceback
   assert e.value.code == 128 + signal.SIGINT
   assert "error: interrupted (SIGINT). Training stopped in epoch 2." in err
   assert checkpoint.Checkpointer(workdir).latest_step() == 8
   assert signal.getsignal(signal.SIGINT) == handler  # the handlers restored
+  assert sys.unraisablehook is print_hook
   signals.raise_if_stopped()  # and the record cleared
   experiment.train_and_evaluate(_cfg(train__epochs=3), workdir)
   assert [r["epoch"] for r in rundir.read_metrics(workdir) if "epoch_time_s" in r] == [1, 2, 3]
