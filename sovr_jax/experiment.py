@@ -410,7 +410,9 @@ def _train_loop(cfg, workdir, setup: _Setup, changes, t_start, ckpt: checkpoint.
         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.items()))
   except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through cli.guarded
-    last = ckpt.latest_step()
+    # From the disk: a signal during a save can land after the step's folder was committed
+    # and before the manager counted it ("No checkpoint had been saved yet" with step 8 there).
+    last = next(iter(rundir.checkpoint_steps(workdir, "latest")), None)
     kept = ("No checkpoint had been saved yet: the same command starts the run again." if last
             is None else f"The newest checkpoint is step {last} in {workdir}/"
             f"{rundir.CHECKPOINTS_DIR}; the same command resumes from it (the steps after it "
