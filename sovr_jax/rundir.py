@@ -529,8 +529,8 @@ def restore_run(workdir: str, *, checkpoint: str = "best", dataset: Any = None) 
   ds = dataset if dataset is not None else experiment.load_data(cfg)
   model = experiment.build_model(cfg, ds, dtype=jnp.float32)
   tx = train.make_optimizer(cfg, train.make_schedule(cfg, 1))
-  # The state's structure only (no initialisation: run op by op, that compiled each
-  # initializer, 2-11 s for PreActResNet-18 on a CPU), on this process's first device.
+  # The state's shapes only, on this process's first device: initialising the model (op by
+  # op, each initializer compiled) only to overwrite it cost seconds per restore on a CPU.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
