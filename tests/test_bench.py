@@ -51,7 +51,8 @@ def test_cpu_smoke_rows(tmp_path):
         pgd["images_per_s"] / torch_row["images_per_s"])
   # PGD-2: (2K + 3) = 7 forward-equivalents per image.
   model = models.get_model("preact_resnet18", num_classes=10, width=0.0625)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                               train=False))
   fwd = bench.forward_flops(model, variables, (32, 32, 3))
   assert pgd["gflop_per_image"] == pytest.approx(7 * fwd / 1e9)
   assert pgd["tflops"] == pytest.approx(pgd["images_per_s"] * pgd["gflop_per_image"] / 1e3)

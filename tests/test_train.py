@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +60,35 @@ def test_every_method_trains_without_nan(method):
     np.testing.assert_allclose(m["switched"], 0.5)  # ceil(0.4 * 8) / 8
   if method == "ovr":
     assert m["switched"] == 1.0
+
+
+class _ConvBnDense(nn.Module):
+  """Every kind of variable a model of ours has (conv and dense kernels, biases, BatchNorm's
+  scale and running statistics) in few layers: its op-by-op init compiles in a second."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(4, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_the_compiled_initial_state_is_model_init_and_the_optimizers_state():
+  """create_train_state compiles the initialisation as one program (at XLA's lowest LLVM
+  optimisation level on a CPU): the weights are model.init's op by op up to rounding, the
+  BatchNorm statistics exactly, and the optimizer state is tx.init of those weights."""
+  model, tx = _ConvBnDense(), optax.sgd(0.1, momentum=0.9)
+  rng = jax.random.PRNGKey(3)
+  state = train.create_train_state(rng, model, (6, 6, 2), tx)
+  eager = model.init(rng, jnp.zeros((1, 6, 6, 2)), train=False)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state.params, eager["params"])
+  chex.assert_trees_all_close(state.params, eager["params"], rtol=1e-6, atol=0)
+  assert float(jnp.abs(eager["params"]["Conv_0"]["kernel"]).min()) > 0  # random, not zeros
+  chex.assert_trees_all_equal(state.batch_stats, eager["batch_stats"])
+  chex.assert_trees_all_equal(state.opt_state, tx.init(state.params))
+  assert int(state.step) == 0 and state.apply_fn == model.apply and state.tx is tx
+  chex.assert_trees_all_equal(train.init_variables(rng, model, (6, 6, 2)),
+                              {"params": state.params, "batch_stats": state.batch_stats})
 
 
 def test_grad_norm_is_the_global_l2_norm():

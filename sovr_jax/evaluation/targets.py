@@ -220,12 +220,11 @@ def random_network(name: str, n: int, *, seed: int = 0, attack_dtype: str = "flo
   # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp
-  from sovr_jax import evaluate, models, sharding
+  from sovr_jax import evaluate, models, sharding, train
   # pylint: enable=import-outside-toplevel
   (mean, std), shape = CIFAR10_STATS, (32, 32, 3)
   model = models.get_model(name, num_classes=10, mean=mean, std=std)
-  variables = jax.device_get(model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + shape),
-                                        train=False))
+  variables = jax.device_get(train.init_variables(jax.random.PRNGKey(seed), model, shape))
   rep = sharding.replicate(jax.tree.map(jnp.asarray, variables), sharding.make_mesh())
   model_fn = evaluate.model_fn_eval(model, rep)
   x = np.random.default_rng(seed + 1).uniform(0, 1, (n,) + shape).astype(np.float32)
