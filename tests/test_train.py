@@ -74,21 +74,17 @@ class _ConvBnDense(nn.Module):
 
 
 def test_the_compiled_initial_state_is_model_init_and_the_optimizers_state():
-  """create_train_state compiles the initialisation as one program (at XLA's lowest LLVM
-  optimisation level on a CPU): the weights are model.init's op by op up to rounding, the
-  BatchNorm statistics exactly, and the optimizer state is tx.init of those weights."""
+  """create_train_state compiles the initialisation as one program: bitwise model.init's
+  variables op by op (the figures of a seed stay those of the eager code), and tx.init of them."""
   model, tx = _ConvBnDense(), optax.sgd(0.1, momentum=0.9)
   rng = jax.random.PRNGKey(3)
   state = train.create_train_state(rng, model, (6, 6, 2), tx)
   eager = model.init(rng, jnp.zeros((1, 6, 6, 2)), train=False)
-  chex.assert_trees_all_equal_shapes_and_dtypes(state.params, eager["params"])
-  chex.assert_trees_all_close(state.params, eager["params"], rtol=1e-6, atol=0)
   assert float(jnp.abs(eager["params"]["Conv_0"]["kernel"]).min()) > 0  # random, not zeros
-  chex.assert_trees_all_equal(state.batch_stats, eager["batch_stats"])
-  chex.assert_trees_all_equal(state.opt_state, tx.init(state.params))
+  chex.assert_trees_all_equal({"params": state.params, "batch_stats": state.batch_stats},
+                              eager, train.init_variables(rng, model, (6, 6, 2)))
+  chex.assert_trees_all_equal(state.opt_state, tx.init(eager["params"]))
   assert int(state.step) == 0 and state.apply_fn == model.apply and state.tx is tx
-  chex.assert_trees_all_equal(train.init_variables(rng, model, (6, 6, 2)),
-                              {"params": state.params, "batch_stats": state.batch_stats})
 
 
 def test_grad_norm_is_the_global_l2_norm():
