@@ -136,7 +136,7 @@ def test_image_folder_feeds_the_loop(tmp_path):
   cfg = _cfg(data__source="image_folder", data__name="pets", data__path=str(root),
              data__cache_dir=str(tmp_path / "cache"), data__val_size=8, data__num_train=0,
              data__num_test=0, train__epochs=1, train__batch_size=8, eval__batch_size=8,
-             model__name="preact_resnet18", model__width=0.0625)
+             model__name="small_cnn", model__width=0.25)  # SmallCNN takes 16x16 images
   report = experiment.train_and_evaluate(cfg, str(tmp_path / "w"))
   assert report["test"]["final"]["n"] == 16
 

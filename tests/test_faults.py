@@ -299,14 +299,14 @@ def test_second_run_on_the_same_workdir_is_refused_while_the_first_goes_on(tmp_p
   workdir = str(tmp_path / "w")
   first = subprocess.Popen(
       [sys.executable, "-m", "sovr_jax.main", "--config", "configs/tiny.py",
-       "--workdir", workdir, "--config.train.epochs=40"],
+       "--workdir", workdir, "--config.train.epochs=20"],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   lock = os.path.join(workdir, rundir.LOCK_FILE)
   while time.time() < deadline and first.poll() is None and not (
       os.path.exists(lock) and os.path.getsize(lock) > 0):
     time.sleep(0.05)
-  second = _cli(["--workdir", workdir, "--config.train.epochs=40"])
+  second = _cli(["--workdir", workdir, "--config.train.epochs=20"])
   assert first.poll() is None, "the first run ended before the second started"
   out, err = first.communicate(timeout=600)
   assert first.returncode == 0, err[-2000:]
@@ -314,7 +314,7 @@ def test_second_run_on_the_same_workdir_is_refused_while_the_first_goes_on(tmp_p
   assert "is in use by another training run" in second.stderr
   assert f"pid {first.pid}" in second.stderr
   epochs = [r["epoch"] for r in rundir.read_metrics(workdir) if "epoch_time_s" in r]
-  assert epochs == list(range(1, 41))
+  assert epochs == list(range(1, 21))
 
 
 def test_lock_is_released_by_a_killed_process(tmp_path):
@@ -489,7 +489,7 @@ def test_a_signal_before_the_first_checkpoint_is_one_message(tmp_path):
   "terminate called without an active exception") from a copy to the host still in flight."""
   workdir = str(tmp_path / "w")
   proc = subprocess.Popen([sys.executable, "-m", "sovr_jax.main", "--config", "configs/tiny.py",
-                           "--workdir", workdir, "--config.train.epochs=40"], cwd=REPO,
+                           "--workdir", workdir, "--config.train.epochs=20"], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None and not os.path.exists(
