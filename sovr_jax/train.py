@@ -96,9 +96,9 @@ def _init_fn(model: Any, image_shape: tuple[int, ...]) -> Callable[[Array], dict
 
 
 # Both initialisations below are compiled as one program, not run op by op: bitwise the same
-# values, and on a CPU PreActResNet-18 at width 1/16 initialised in 20 s instead of 28 s cold
-# (half-width SmallCNN: 6 s instead of 17 s; 1.2 s instead of 2.4 s from the compilation cache).
-# (XLA's LLVM level 0 compiled it in 3 s, but changed the weights by a few rounding steps.)
+# values, and on a 2-core CPU PreActResNet-18 at width 1/16 initialised in 20 s instead of 28 s
+# cold, 1.2 s instead of 2.4 s from the compilation cache (2026-12-03). (XLA's LLVM level 0
+# compiled it in 3 s, but changed the weights by a few rounding steps.)
 def init_variables(rng: Array, model: Any, image_shape: tuple[int, ...]) -> dict[str, Any]:
   """``model.init`` (eval mode) on one zero image of ``image_shape``."""
   return jax.jit(_init_fn(model, image_shape))(rng)
