@@ -64,7 +64,7 @@ def test_every_method_trains_without_nan(method):
 
 class _ConvBnDense(nn.Module):
   """Every kind of variable a model of ours has (conv and dense kernels, biases, BatchNorm's
-  scale and running statistics) in few layers: its op-by-op init compiles in a second."""
+  scale and running statistics) in three layers, cheap to initialise op by op."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
