@@ -1,4 +1,5 @@
-"""Shared fixtures, and one persistent JAX compilation cache for the whole test session.
+"""Shared fixtures, one persistent JAX compilation cache for the whole test session, and one
+OpenMP thread per process.
 
 Most tests compile the same few tiny graphs (configs/tiny.py's train step, its evaluation), in
 this process and in the subprocesses that the fault, CLI, multi-host and notebook tests start.
@@ -17,6 +18,14 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   _OWN_CACHE = tempfile.mkdtemp(prefix="sovr_jax_tests_jit_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# PyTorch's OpenMP threads spin while they wait, so with more of them than free cores torch
+# crawls: the evaluating notebook's AutoAttack cell (both engines, QUICK) took 4 s alone, 82 s
+# beside one busy core, and 5 s there with one thread. README's `-n 2` runs two workers on two
+# cores, and tests start subprocesses (CLI runs, notebook kernels) beside them. One thread for
+# everything of this session, set before any test imports torch and inherited by every
+# subprocess; a caller's OMP_NUM_THREADS is used as it is.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # pylint: disable=wrong-import-position
 

@@ -16,12 +16,9 @@ from tests import references
 
 # The reference engine and the export need these; the JAX engine's tests run without them.
 needs_reference = references.needs("torch", "pyautoattack")
-if references.have("torch"):
-  import torch
-  torch.set_num_threads(1)  # shared cores: oversubscribed OpenMP threads slow torch ~100x
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu")
+ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
 FAST = ["--n", "16", "--batch_size", "16", "--device", "cpu", "--threads", "1"]
 
 

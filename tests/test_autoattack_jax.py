@@ -35,7 +35,6 @@ if references.have(*REFERENCE):
   from pyautoattack.fab_projections import projection_linf as ref_projection_linf
   from pyautoattack.fab_pt import FABAttack_PT
   from pyautoattack.square import SquareAttack
-  torch.set_num_threads(1)  # shared cores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logging.getLogger("auto-attack").setLevel(logging.ERROR)

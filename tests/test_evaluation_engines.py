@@ -14,7 +14,6 @@ from tests import references
 references.skip_module_without("torch", "pyautoattack")  # every test runs both engines
 import torch  # pylint: disable=wrong-import-position,wrong-import-order
 
-torch.set_num_threads(1)  # shared cores
 N, EPS, SEED, BATCH = 120, 0.02, 0, 64
 ATTACKS = settings.STANDARD_ATTACKS
 

@@ -9,8 +9,6 @@ from tests import references
 references.skip_module_without("torch")  # every test compares with a PyTorch twin
 import torch  # pylint: disable=wrong-import-position,wrong-import-order
 
-torch.set_num_threads(1)
-
 
 def _torch_logits(model, x):
   with torch.no_grad():

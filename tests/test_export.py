@@ -29,9 +29,7 @@ from sovr_jax.testing import (jax_logits_and_grad, random_variables, rel_err,
 from sovr_jax.models import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The test machine's cores are shared: more OpenMP threads than free cores slow torch ~100x.
-torch.set_num_threads(1)
-SUBPROCESS_ENV = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu")
+SUBPROCESS_ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
 
 NUM_CLASSES = 7
 CASES = [("preact_resnet18", 0.0625), ("resnet18", 0.0625), ("wrn34_10", 0.0625),

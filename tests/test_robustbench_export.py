@@ -32,9 +32,7 @@ from sovr_jax import robustbench_export as rbx
 from sovr_jax.testing import random_variables, rel_err
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The test machine's cores are shared: more OpenMP threads than free cores slow torch ~100x.
-torch.set_num_threads(1)
-SUBPROCESS_ENV = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu")
+SUBPROCESS_ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
 INSTALL = "pip install --no-deps robustbench==1.1.1"
