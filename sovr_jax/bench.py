@@ -241,13 +241,13 @@ def bench_torch(arch: str, *, width: float, batch: int, amp: bool, num_steps: in
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   from sovr_jax import torch_models  # pylint: disable=g-import-not-at-top
   dev = "cuda" if torch.cuda.is_available() else "cpu"
+  h, w, c = image_shape
   model = torch_models.build_torch_model(arch, num_classes=num_classes, width=width,
-                                         mean=(0.5,) * image_shape[-1],
-                                         std=(0.25,) * image_shape[-1]).to(dev)
+                                         mean=(0.5,) * c, std=(0.25,) * c,
+                                         input_shape=(c, h, w)).to(dev)
   fmt = torch.channels_last if amp else torch.contiguous_format
   model = model.to(memory_format=fmt)
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-  h, w, c = image_shape
   x = torch.rand(batch, c, h, w, device=dev).to(memory_format=fmt)
   y = torch.randint(0, num_classes, (batch,), device=dev)
   eps, alpha = 8 / 255, 2 / 255
