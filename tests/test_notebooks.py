@@ -31,6 +31,7 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(COLAB, "*.ipynb")))
 CELL_TIMEOUT_S = 900
 N_EVAL = 32
 ATTACKS = ["apgd-ce", "apgd-t"]
+N_ITER = 10  # QUICK's AA_N_ITER
 BLOCK_TORCH = 'import sys; sys.modules["torch"] = None'
 SKIP_NOTE = ("torch is not installed: the reference AutoAttack is skipped; the JAX AutoAttack "
              "below is the evaluation")
@@ -139,7 +140,7 @@ def test_runs_in_quick_mode(path, tmp_path, monkeypatch):
   assert (ref["engine"], jax_aa["engine"]) == ("reference", "jax")
   assert ref["n"] == jax_aa["n"] == N_EVAL
   assert ref["attacks"] == jax_aa["attacks"] == ATTACKS
-  assert ref["settings"]["n_iter"] == jax_aa["settings"]["n_iter"] == 20
+  assert ref["settings"]["n_iter"] == jax_aa["settings"]["n_iter"] == N_ITER
   assert ref["clean_acc"] == pytest.approx(jax_aa["clean_acc"], abs=1 / N_EVAL)
   for r in (ref, jax_aa):
     assert 0.0 <= r["robust_acc"] <= r["clean_acc"] + 1e-9
