@@ -46,8 +46,9 @@ def _setup(method, *, model_name="small_cnn", batch=16, model=None, **overrides)
     cfg[sec][field] = v
   config_lib.validate(cfg)
   shape = (28, 28, 1) if model_name == "small_cnn" else (16, 16, 3)
-  model = model or models.get_model(model_name, num_classes=10, width=cfg.model.width,
-                                    mean=(0.5,), std=(0.25,))
+  if model is None:
+    model = models.get_model(model_name, num_classes=10, width=cfg.model.width, mean=(0.5,),
+                             std=(0.25,))
   schedule = train.make_schedule(cfg, steps_per_epoch=4)
   state = train.create_train_state(jax.random.PRNGKey(0), model, shape, train.make_optimizer(cfg, schedule))
   rng = np.random.default_rng(0)
