@@ -97,11 +97,31 @@ def _init_fn(model: Any, image_shape: tuple[int, ...]) -> Callable[[Array], dict
 
 # Both initialisations below are compiled as one program, not run op by op: bitwise the same
 # values, and on a 2-core CPU PreActResNet-18 at width 1/16 initialised in 20 s instead of 28 s
-# cold, 1.2 s instead of 2.4 s from the compilation cache (2026-12-03). (XLA's LLVM level 0
-# compiled it in 3 s, but changed the weights by a few rounding steps.)
+# cold, 1.2 s instead of 2.4 s from the compilation cache (2026-12-03).
+#
+# On the CPU that program is compiled at XLA's LLVM level 2 instead of the default 3. At level 3
+# LLVM spends seconds on the random-number fusions of the initialisers (threefry on every
+# parameter's shape): jax 0.10.2 on this 2-core CPU compiled the initialisation of SmallCNN at
+# width 1/4 in 7.5 s at level 3 and 1.3 s at level 2, PreActResNet-18 at width 1/16 in 15.3 s
+# and 2.7 s, WRN-34-10 at 1/16 in 13.6 s and 4.2 s, with bitwise the same variables
+# (2026-12-03). The program runs once, so only its compile time matters; level 0 compiled it
+# faster still but changed the weights by a few rounding steps. Other backends keep XLA's
+# defaults.
+_CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
+
+
+def _run_once(fn: Callable[[Array], Any], rng: Array) -> Any:
+  """``jax.jit(fn)(rng)``, compiled with ``_CPU_INIT_COMPILER_OPTIONS`` on the CPU; traced
+  as it is under a transformation (``jax.eval_shape``), where nothing is compiled."""
+  if isinstance(rng, jax.core.Tracer):
+    return jax.jit(fn)(rng)
+  options = _CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+  return jax.jit(fn).lower(rng).compile(compiler_options=options)(rng)
+
+
 def init_variables(rng: Array, model: Any, image_shape: tuple[int, ...]) -> dict[str, Any]:
   """``model.init`` (eval mode) on one zero image of ``image_shape``."""
-  return jax.jit(_init_fn(model, image_shape))(rng)
+  return _run_once(_init_fn(model, image_shape), rng)
 
 
 def create_train_state(rng: Array, model: Any, image_shape: tuple[int, ...], tx) -> TrainState:
@@ -113,7 +133,7 @@ def create_train_state(rng: Array, model: Any, image_shape: tuple[int, ...], tx)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables.get("batch_stats", {}), tx=tx)
 
-  return jax.jit(create)(rng)
+  return _run_once(create, rng)
 
 
 def attack_init(cfg: ml_collections.ConfigDict) -> str:

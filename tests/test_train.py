@@ -79,8 +79,9 @@ def test_every_method_trains_without_nan(method):
 
 
 def test_the_compiled_initial_state_is_model_init_and_the_optimizers_state():
-  """create_train_state compiles the initialisation as one program: bitwise model.init's
-  variables op by op (the figures of a seed stay those of the eager code), and tx.init of them."""
+  """create_train_state compiles the initialisation as one program (on the CPU at XLA's LLVM
+  level 2): bitwise model.init's variables op by op (the figures of a seed stay those of the
+  eager code), and tx.init of them."""
   model, tx = _ConvBnDense(), optax.sgd(0.1, momentum=0.9)
   rng = jax.random.PRNGKey(3)
   state = train.create_train_state(rng, model, (6, 6, 2), tx)
