@@ -110,7 +110,7 @@ def _init_fn(model: Any, image_shape: tuple[int, ...]) -> Callable[[Array], dict
 _CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
 
 
-def _run_once(fn: Callable[[Array], Any], rng: Array) -> Any:
+def _compile_and_run(fn: Callable[[Array], Any], rng: Array) -> Any:
   """``jax.jit(fn)(rng)``, compiled with ``_CPU_INIT_COMPILER_OPTIONS`` on the CPU; traced
   as it is under a transformation (``jax.eval_shape``), where nothing is compiled."""
   if isinstance(rng, jax.core.Tracer):
@@ -121,7 +121,7 @@ def _run_once(fn: Callable[[Array], Any], rng: Array) -> Any:
 
 def init_variables(rng: Array, model: Any, image_shape: tuple[int, ...]) -> dict[str, Any]:
   """``model.init`` (eval mode) on one zero image of ``image_shape``."""
-  return _run_once(_init_fn(model, image_shape), rng)
+  return _compile_and_run(_init_fn(model, image_shape), rng)
 
 
 def create_train_state(rng: Array, model: Any, image_shape: tuple[int, ...], tx) -> TrainState:
@@ -133,7 +133,7 @@ def create_train_state(rng: Array, model: Any, image_shape: tuple[int, ...], tx)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables.get("batch_stats", {}), tx=tx)
 
-  return _run_once(create, rng)
+  return _compile_and_run(create, rng)
 
 
 def attack_init(cfg: ml_collections.ConfigDict) -> str:
