@@ -225,8 +225,9 @@ def seed_interval(diffs: Sequence[float], level: float = 0.95) -> dict[str, Any]
 
 
 def format_p(p: float) -> str:
-  """A p-value for a table: 3 significant digits, and "< 1e-300" where it underflowed to 0."""
-  return "< 1e-300" if p == 0 else f"{p:.3g}"
+  """A p-value for a table: 3 significant digits, and "< 1e-300" below that (where it
+  underflowed to 0 or to a subnormal float)."""
+  return "< 1e-300" if p < 1e-300 else f"{p:.3g}"
 
 
 def accuracy_se(accuracy: float, n: int) -> float:

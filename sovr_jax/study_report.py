@@ -140,8 +140,10 @@ def by_run(study: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
 
 
 def run_table(study: dict[str, Any]) -> str:
-  """Markdown: per run, mean +- std over its seeds of clean and AutoAttack accuracy."""
-  rows = ["| run | seeds | clean | AutoAttack | PGD-20 (upper bound) |", "|---|---|---|---|---|"]
+  """Markdown: per run, mean +- sample std (ddof 1) over its seeds of clean and AutoAttack
+  accuracy, in percent."""
+  rows = ["| run | seeds | clean (%) | AutoAttack (%) | PGD-20 (%, upper bound) |",
+          "|---|---|---|---|---|"]
   for run, seeds in by_run(study).items():
     done = {s: c for s, c in seeds.items() if (c.get("test") or {}).get("best")}
     if not done:
@@ -218,9 +220,11 @@ def paired(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
   complete on both sides (a run cut by the session's time, or an attack subset), the row
   compares the attacks both finished on the same points: ``complete`` False and ``attacks``
   say so, and each side's accuracy is an upper bound of its AutoAttack. Pooled rows take the
-  seeds on the most common n, at the attacks all of them finished. Each row's "test" is
-  ``stats.paired_sign_test``: McNemar's exact test for one seed; pooled, its exact
-  generalisation with the test point as the unit, as the pooled bootstrap interval has."""
+  most seeds whose results are on the same test points (``schema.comparable``: n, threat
+  model, data set and ``points_sha256``; point i is the same image in each), at the attacks
+  all of them finished. Each row's "test" is ``stats.paired_sign_test``: McNemar's exact test
+  for one seed; pooled, its exact generalisation with the test point as the unit, as the
+  pooled bootstrap interval has."""
   runs = by_run(study)
   chosen = {}
   for seed in sorted(set(runs.get(a, {})) & set(runs.get(b, {}))):
@@ -228,10 +232,15 @@ def paired(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
     if pair:
       chosen[seed] = pair
   groups = [[seed] for seed in chosen]
-  if len(chosen) > 1:
-    ns = [chosen[s][0]["n"] for s in chosen]
-    n = max(set(ns), key=lambda v: (ns.count(v), v))  # the most seeds; a tie: the most points
-    pool = [s for s in chosen if chosen[s][0]["n"] == n]
+  classes: list[list[int]] = []  # seeds whose results are on the same points
+  for seed in chosen:
+    same = [c for c in classes if not schema.comparable(chosen[c[0]][0], chosen[seed][0])]
+    if same:
+      same[0].append(seed)
+    else:
+      classes.append([seed])
+  if classes:  # the most seeds; a tie: the most points
+    pool = max(classes, key=lambda c: (len(c), chosen[c[0]][0]["n"]))
     if len(pool) > 1:
       groups.append(pool)
   out = []
@@ -260,11 +269,12 @@ def paired_table(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
                  rows: list[dict[str, Any]] | None = None) -> str:
   """Markdown: the rows of ``paired`` (computed here unless given)."""
   pairs = paired(study, a, b) if rows is None else rows
-  lines = [f"| {label(b)} - {label(a)} | seeds | n per seed | difference (points) | 95 % interval "
+  lines = [f"| {label(b)} - {label(a)} | seeds | n per seed | difference (percentage points) | "
+          f"95 % interval "
           f"(paired bootstrap over test points, for these trained models) | robust under "
           f"{label(b)} only / {label(a)} only (pooled: summed over seeds) | p (McNemar; "
-          f"pooled: exact, per test point) | 95 % t interval over seeds (training's spread "
-          f"too) | attacks |",
+          f"pooled: exact, per test point) | over seeds: mean +- sample std of the per-seed "
+          f"differences, 95 % t interval (training's spread too) | attacks |",
           "|---|---|---|---|---|---|---|---|---|"]
   for r in pairs:
     m, s = r["test"], r.get("over_seeds")
@@ -467,6 +477,12 @@ def verdict(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
   rows = paired(study, a, b) if rows is None else rows
   if not rows:
     return ""
+  if len(rows) > 1 and all(len(x["seeds"]) == 1 for x in rows):
+    per = "; ".join(f"seed {x['seeds'][0]} (n={x['n']}, {_measure(x)}): {100 * x['diff']:+.2f} "
+                    f"points, 95 % [{100 * x['low']:+.2f}, {100 * x['high']:+.2f}]" for x in rows)
+    return (f"{label(b)} - {label(a)}: the seeds cannot be pooled (no two of them were attacked "
+            f"on the same test points with the same attacks finished), so a difference over "
+            f"seeds is not shown; per seed: {per}.")
   r = max(rows, key=lambda r: len(r["seeds"]))
   what = (f"{label(b)} - {label(a)} under {_measure(r)}, seeds "
           f"{','.join(map(str, r['seeds']))}, {r['n']} test points: {100 * r['diff']:+.2f} "
@@ -502,14 +518,16 @@ def verdict(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
 
 def tables(study: dict[str, Any]) -> str:
   parts = ["Per cell (best-by-validation checkpoint):", cell_table(study),
-           "Per run, over seeds:", run_table(study), gate(study)[1]]
+           "Per run, over seeds (mean +- sample standard deviation, ddof 1):", run_table(study),
+           gate(study)[1]]
   rows = paired(study)
   pair = paired_table(study, rows=rows)
   if pair:
     parts += ["Paired on the same test points (per-point flags; the attacks column says "
               "whether the complete AutoAttack or only some of its attacks):", pair,
               verdict(study, rows=rows)]
-  parts += ["Adversarial logit margins of training examples (final models):",
+  parts += ["Adversarial logit margins of training examples (final models; each figure +- "
+            "one bootstrap standard error over the examples):",
             margin_table(study)]
   reading = claim2(study)
   if reading:

@@ -248,6 +248,26 @@ def test_cells_on_other_points_or_another_eps_are_not_paired():
   assert [r["seeds"] for r in rows] == [[0]]
 
 
+def test_only_seeds_on_the_same_points_are_pooled():
+  """Pooling treats point i as the same image in every seed: seeds attacked on other points
+  (another points_sha256) or at another eps are each compared alone, and pooled only with the
+  seeds on their own points; with no two such seeds the verdict says so, seed by seed."""
+  s = _fake_study()
+  for cell in s["cells"].values():
+    cell["autoattack"][0]["points_sha256"] = "a" * 64
+  for run in ("pgd_at", "sovr"):
+    s["cells"][f"{run}_s1"]["autoattack"][0]["points_sha256"] = "b" * 64
+  rows = study_report.paired(s, n_boot=200)
+  assert [r["seeds"] for r in rows] == [[0], [1], [2], [0, 2]]
+  for run in ("pgd_at", "sovr"):
+    s["cells"][f"{run}_s2"]["autoattack"][0]["eps"] = 4 / 255
+  rows = study_report.paired(s, n_boot=200)
+  assert [r["seeds"] for r in rows] == [[0], [1], [2]]
+  said = study_report.verdict(s, rows=rows)
+  assert "the seeds cannot be pooled" in said and "not shown" in said
+  assert all(f"seed {k} (n=2000, AutoAttack): +" in said for k in (0, 1, 2)), said
+
+
 def test_sanity_gate_and_the_plain_verdict():
   """No claim about the paper from models below the gate; an interval containing 0 is "not
   shown at this budget"."""
@@ -320,7 +340,8 @@ def test_the_verdict_weighs_the_seeds_not_only_the_pooled_test_points():
   assert "SOVR above PGD-AT on these models" in said
   assert "for the method beyond these models, not shown at this budget" in said
   table = study_report.paired_table(spread, rows=rows)
-  assert "t interval over seeds" in table and "summed over seeds" in table
+  assert "mean +- sample std of the per-seed differences, 95 % t interval" in table
+  assert "summed over seeds" in table
 
 
 def test_seed_interval_and_p_formatting():
@@ -331,6 +352,7 @@ def test_seed_interval_and_p_formatting():
   assert got["low"] == pytest.approx(lo) and got["high"] == pytest.approx(hi)
   assert got["std"] == pytest.approx(np.std(d, ddof=1)) and stats.seed_interval([0.01]) is None
   assert stats.format_p(0.0) == "< 1e-300" and stats.format_p(0.012345) == "0.0123"
+  assert stats.format_p(1e-320) == "< 1e-300"  # a subnormal float
   flags = np.r_[np.ones(3000, bool), np.zeros(7000, bool)]
   assert stats.format_p(stats.mcnemar(flags, np.zeros(10000, bool))["p_value"]) == "< 1e-300"
 
