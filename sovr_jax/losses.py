@@ -117,7 +117,11 @@ def sovr(logits: Array, labels: Array, *, ovr_fraction: float,
       l_i = l_OVR(z_i, y_i)  if i in S  else  l_CE(z_i, y_i),
 
   and the batch loss is mean_i l_i. ``margin_logits`` defaults to ``logits``
-  (the adversarial logits in training; the paper's **open** choice).
+  (the adversarial logits in training; the paper's **open** choice, default
+  adversarial as in docs/method.md). With ``sovr.margin_on="clean"`` the train step
+  passes the clean logits of the model with its running BatchNorm statistics (our
+  choice: the clean logits the step already computes, eval mode). rho (``sovr.ovr_fraction``) is
+  **open** too; its default 0.4 is our choice until the study's sweep.
 
   Returns:
     (per-example loss [N] float32, switched-to-OVR mask [N] bool).
