@@ -7,18 +7,19 @@
 
 The argument after ':' is ``METHOD[,SCALE[,EPOCHS]]``:
   full  (default) the real schedule, docs/results.md: full-width PreActResNet-18 on the 49,000
-        training images, bfloat16 compute, batch 512, lr 0.2 (the recipe's 0.1 at batch 128
-        times sqrt(512 / 128): square-root scaling, our choice, not checked against a
-        published batch-512 recipe), 1 warm-up epoch, 36 epochs with lr x0.1 at 75 % and 90 % of
-        them (epochs 27 and 32: the MART/MAIL boundaries, 75 and 90 of 100, scaled), PGD-10 at
-        eps 8/255 with step 2/255. MAIL reweights from 75 %, GAIRAT from its middle epoch
+        training images, bfloat16 compute, batch 512, lr 0.4 (the recipe's 0.1 at batch 128
+        times 512 / 128: linear scaling for SGD, Goyal et al. 2017, which keeps the recipe's
+        lr and weight decay per epoch; our choice, docs/results.md), 1 warm-up epoch, 36
+        epochs with lr x0.1 at 75 % and 90 % of them (epochs 27 and 32: the MART/MAIL
+        boundaries, 75 and 90 of 100, scaled), PGD-10 at eps 8/255 with step 2/255. MAIL reweights from 75 %, GAIRAT from its middle epoch
         (their recipes: docs/results.md). EPOCHS lengthens it with the same shape
         (``full,60``: boundaries 45, 54).
         36 epochs is what one GPU session allows (docs/results.md: about 9.5 minutes for two
         cells sharing an H100/H200, of which about 6.5 for training at the ~12,000 images/s
         that an H200 gave four cells together, the rest for AutoAttack on 10,000 test points).
-  gpu   the first GPU study's 8 epochs (same settings otherwise, boundaries 6 and 7); its
-        figures were trained with the warm-up bug (docs/results.md), kept for reference.
+  gpu   the first GPU study's 8 epochs at lr 0.2 (0.1 times sqrt(512 / 128)), boundaries 6
+        and 7, the same settings otherwise; its figures were trained with the warm-up bug
+        (docs/results.md), kept for reference.
   cpu   a 1/8-width network (175k parameters) on 5,000 training images for 6 epochs, PGD-10,
         float32, batch 128, lr 0.1 (x0.1 at epoch 5), test on 1,000: a CIFAR model trained
         adversarially in minutes on a 2-core CPU.
@@ -57,7 +58,7 @@ def get_config(arg: str = "sovr"):
   if scale in ("full", "gpu"):
     c.precision = "bfloat16"
     c.train.batch_size = 512
-    c.train.lr = 0.2
+    c.train.lr = 0.4 if scale == "full" else 0.2
     c.train.warmup_epochs = 1
     c.train.log_every_steps = 50
     if scale == "full":

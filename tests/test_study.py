@@ -69,7 +69,10 @@ def test_full_scale_is_the_compressed_recipe_and_lengthens_with_its_shape():
   cfg = study_config.get_config("pgd_at")
   assert (cfg.train.epochs, tuple(cfg.train.lr_boundaries)) == (36, (27, 32))
   assert cfg.model.width == 1.0 and cfg.data.num_train == 0 and cfg.precision == "bfloat16"
-  assert cfg.train.batch_size == 512 and cfg.train.lr == 0.2
+  # Linear lr scaling: the recipe's lr per example (0.1 at batch 128), hence its lr and weight
+  # decay per epoch; the first GPU study's 8-epoch scale keeps the lr it ran at.
+  assert cfg.train.batch_size == 512 and cfg.train.lr == pytest.approx(0.1 * 512 / 128)
+  assert study_config.get_config("pgd_at,gpu").train.lr == 0.2
   long = study_config.get_config("pgd_at,full,60")
   assert (long.train.epochs, tuple(long.train.lr_boundaries)) == (60, (45, 54))
   with pytest.raises(ValueError, match="Unknown study scale 'huge'"):
