@@ -11,9 +11,9 @@ The argument after ':' is ``METHOD[,SCALE[,EPOCHS]]``:
         times 512 / 128: linear scaling for SGD, Goyal et al. 2017, which keeps the recipe's
         lr and weight decay per epoch; our choice, docs/results.md), 1 warm-up epoch, 36
         epochs with lr x0.1 at 75 % and 90 % of them (epochs 27 and 32: the MART/MAIL
-        boundaries, 75 and 90 of 100, scaled), PGD-10 at eps 8/255 with step 2/255. MAIL reweights from 75 %, GAIRAT from its middle epoch
-        (their recipes: docs/results.md). EPOCHS lengthens it with the same shape
-        (``full,60``: boundaries 45, 54).
+        boundaries, 75 and 90 of 100, scaled), PGD-10 at eps 8/255 with step 2/255. MAIL
+        reweights from 75 %, GAIRAT from its middle epoch (their recipes: docs/results.md).
+        EPOCHS lengthens it with the same shape (``full,60``: boundaries 45, 54).
         36 epochs is what one GPU session allows (docs/results.md: about 9.5 minutes for two
         cells sharing an H100/H200, of which about 6.5 for training at the ~12,000 images/s
         that an H200 gave four cells together, the rest for AutoAttack on 10,000 test points).

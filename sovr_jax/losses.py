@@ -120,8 +120,9 @@ def sovr(logits: Array, labels: Array, *, ovr_fraction: float,
   (the adversarial logits in training; the paper's **open** choice, default
   adversarial as in docs/method.md). With ``sovr.margin_on="clean"`` the train step
   passes the clean logits of the model with its running BatchNorm statistics (our
-  choice: the clean logits the step already computes, eval mode). rho (``sovr.ovr_fraction``) is
-  **open** too; its default 0.4 is our choice until the study's sweep.
+  choice: the eval-mode clean logits the step already computes). rho
+  (``sovr.ovr_fraction``) is **open** too; its default 0.4 is our choice until the
+  study's sweep.
 
   Returns:
     (per-example loss [N] float32, switched-to-OVR mask [N] bool).

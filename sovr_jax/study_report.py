@@ -270,8 +270,8 @@ def paired_table(study: dict[str, Any], a: str = "pgd_at", b: str = "sovr",
   """Markdown: the rows of ``paired`` (computed here unless given)."""
   pairs = paired(study, a, b) if rows is None else rows
   lines = [f"| {label(b)} - {label(a)} | seeds | n per seed | difference (percentage points) | "
-          f"95 % interval "
-          f"(paired bootstrap over test points, for these trained models) | robust under "
+          f"95 % interval (paired bootstrap over test points, for these trained models) | "
+          f"robust under "
           f"{label(b)} only / {label(a)} only (pooled: summed over seeds) | p (McNemar; "
           f"pooled: exact, per test point) | over seeds: mean +- sample std of the per-seed "
           f"differences, 95 % t interval (training's spread too) | attacks |",
