@@ -51,8 +51,8 @@ def margin_statistics(margins: Sequence[float], switched: Sequence[bool] | None 
 
   Returns n, mean, std (ddof 1), near_zero (the fraction with |m| < ``near``) and
   mean_switched (the mean over the switched set), each of the last four with a bootstrap
-  standard error ``<name>_se`` (``n_boot`` resamples of the examples, the flags kept with
-  their margins).
+  standard error ``<name>_se`` (``n_boot`` resamples of the examples: given flags kept with
+  their margins; without them, the ``fraction`` smallest of each resample).
   """
   m = np.asarray(margins, np.float64)
   if m.ndim != 1 or len(m) < 2:
@@ -66,14 +66,18 @@ def margin_statistics(margins: Sequence[float], switched: Sequence[bool] | None 
     if flags.shape != m.shape or not flags.any():
       raise ValueError("switched must flag at least one of the margins, in their shape.")
   pairs = np.stack([m, flags.astype(np.float64)], axis=1)
+  k = int(flags.sum())
   stats = {
       "mean": lambda p: np.mean(p[:, 0]),
       "std": lambda p: np.std(p[:, 0], ddof=1),
       "near_zero": lambda p: np.mean(np.abs(p[:, 0]) < near),
-      "mean_switched": lambda p: (np.mean(p[p[:, 1] > 0, 0]) if (p[:, 1] > 0).any()
-                                  else np.nan),
+      # Given flags travel with their margins; the fraction smallest is chosen again in each
+      # resample (its threshold varies with the sample too).
+      "mean_switched": ((lambda p: np.mean(p[p[:, 1] > 0, 0]) if (p[:, 1] > 0).any()
+                         else np.nan) if switched is not None
+                        else lambda p: np.mean(np.partition(p[:, 0], k - 1)[:k])),
   }
-  out: dict[str, float] = {"n": int(len(m)), "switched": int(flags.sum()), "near": near}
+  out: dict[str, float] = {"n": int(len(m)), "switched": k, "near": near}
   for i, (name, fn) in enumerate(stats.items()):
     out[name] = float(fn(pairs))
     out[f"{name}_se"] = _bootstrap_se(pairs, fn, n_boot, seed + i)
