@@ -51,8 +51,11 @@ def margin_statistics(margins: Sequence[float], switched: Sequence[bool] | None 
 
   Returns n, mean, std (ddof 1), near_zero (the fraction with |m| < ``near``) and
   mean_switched (the mean over the switched set), each of the last four with a bootstrap
-  standard error ``<name>_se`` (``n_boot`` resamples of the examples: given flags kept with
-  their margins; without them, the ``fraction`` smallest of each resample).
+  standard error ``<name>_se`` (``n_boot`` resamples of the examples). mean_switched's
+  chooses the switched set again in each resample, as many of the smallest as are switched:
+  one selection over the resample stands in for the per-batch one (margins of two normals,
+  batches of 512 of 2,000: 0.034 against 0.032 over fresh samples; the flags kept with their
+  margins said 0.022).
   """
   m = np.asarray(margins, np.float64)
   if m.ndim != 1 or len(m) < 2:
@@ -71,16 +74,15 @@ def margin_statistics(margins: Sequence[float], switched: Sequence[bool] | None 
       "mean": lambda p: np.mean(p[:, 0]),
       "std": lambda p: np.std(p[:, 0], ddof=1),
       "near_zero": lambda p: np.mean(np.abs(p[:, 0]) < near),
-      # Given flags travel with their margins; the fraction smallest is chosen again in each
-      # resample (its threshold varies with the sample too).
-      "mean_switched": ((lambda p: np.mean(p[p[:, 1] > 0, 0]) if (p[:, 1] > 0).any()
-                         else np.nan) if switched is not None
-                        else lambda p: np.mean(np.partition(p[:, 0], k - 1)[:k])),
+      # The k smallest, chosen again in each resample: which examples are switched depends on
+      # the sample too (kept with their margins, the flags understate the error by a third).
+      "mean_switched": lambda p: np.mean(np.partition(p[:, 0], k - 1)[:k]),
   }
   out: dict[str, float] = {"n": int(len(m)), "switched": k, "near": near}
   for i, (name, fn) in enumerate(stats.items()):
     out[name] = float(fn(pairs))
     out[f"{name}_se"] = _bootstrap_se(pairs, fn, n_boot, seed + i)
+  out["mean_switched"] = float(np.mean(m[flags]))  # the switched set itself
   return out
 
 
