@@ -80,7 +80,9 @@ def project(x: Array, delta: Array, *, eps: float, norm: str) -> Array:
 
 def init_delta(rng: Array, x: Array, *, eps: float, norm: str,
                init: str = "uniform") -> Array:
-  """Random start: uniform in the eps-ball, 0.001 * N(0, I) (TRADES), or zero."""
+  """Random start: uniform in the eps-ball, 0.001 * N(0, I) (TRADES), or zero; projected
+  at once onto the ball and the [0, 1] box (the TRADES and MAIL code clip only after the
+  first step: the start differs by the few pixels it pushes out of [0, 1])."""
   _check_choice("init", init, INITS)
   if init == "zero":
     delta = jnp.zeros_like(x)
